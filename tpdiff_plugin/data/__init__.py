@@ -1,0 +1,4 @@
+"""Auto-imports every ``*_dataset.py`` here, registering it with BasicSR (see utils/autoimport.py)."""
+from tpdiff_plugin.utils.autoimport import import_modules
+
+_modules = import_modules(__name__, __file__, '_dataset.py')
