@@ -1,0 +1,63 @@
+"""The `basicsr` and `tpdiff` console scripts: help, dispatch and one-line errors on bad input."""
+import textwrap
+
+from tpdiff_plugin import cli
+
+
+def test_tpdiff_help_lists_tools(cli_runner, tmp_path):
+    res = cli_runner(['tpdiff', '--help'], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for module in cli._load_tools():
+        assert module.COMMAND in res.stdout
+    assert 'make-lmdb' in res.stdout and 'make-demo' in res.stdout
+
+
+def test_basicsr_help_and_unknown_command(cli_runner, tmp_path):
+    ok = cli_runner(['basicsr', '--help'], cwd=tmp_path)
+    assert ok.returncode == 0 and 'train' in ok.stdout and 'test' in ok.stdout
+    bad = cli_runner(['basicsr', 'fly', '-opt', 'x.yml'], cwd=tmp_path)
+    assert bad.returncode == 2 and 'unknown command "fly"' in bad.stderr
+
+
+def test_missing_options_file_is_one_line(cli_runner, tmp_path):
+    res = cli_runner(['basicsr', 'train', '-opt', 'nope.yml'], cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == 'error: -opt: no such options file: nope.yml'
+    assert not (tmp_path / 'experiments').exists()
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path, capsys):
+    opt = tmp_path / 'bad.yml'
+    opt.write_text('name: x\nmodel_type: SRModel\ntrain: [1, 2\n')
+    assert cli.basicsr_main(['train', '-opt', str(opt)]) == 2
+    err = capsys.readouterr().err
+    assert 'bad.yml' in err and 'line' in err and 'Traceback' not in err
+
+
+def test_missing_dataroot_names_the_option(tmp_path, capsys):
+    opt = tmp_path / 'o.yml'
+    opt.write_text(textwrap.dedent("""\
+        name: x
+        model_type: SRModel
+        datasets:
+          train:
+            type: PairedImageDataset
+            dataroot_gt: /does/not/exist.lmdb
+        """))
+    assert cli.basicsr_main(['test', '-opt', str(opt)]) == 2
+    err = capsys.readouterr().err
+    assert 'datasets.train.dataroot_gt' in err and '/does/not/exist.lmdb' in err
+
+
+def test_missing_pretrained_checkpoint_names_the_option(tmp_path, capsys):
+    opt = tmp_path / 'o.yml'
+    opt.write_text('name: x\nmodel_type: SRModel\npath:\n  pretrain_network_tpe: stage1/net_tpe.pth\n')
+    assert cli.basicsr_main(['train', '-opt', str(opt)]) == 2
+    assert 'path.pretrain_network_tpe' in capsys.readouterr().err
+
+
+def test_missing_required_key(tmp_path, capsys):
+    opt = tmp_path / 'o.yml'
+    opt.write_text('model_type: SRModel\n')
+    assert cli.basicsr_main(['train', '-opt', str(opt)]) == 2
+    assert 'missing required option "name"' in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""UnpairedImageDataset: independent blurry and sharp patches for unpaired training (TP-Diff, Sec. 3).
+
+TP-Diff learns from blurry images b and sharp images s that show different scenes. Each item is a
+random crop of blurry image ``index`` and a crop of a sharp image drawn independently at random, each
+with its own flips and rotations, so no pairing is ever implied. Validation and testing use basicsr's
+``PairedImageDataset`` instead.
+
+Options (basicsr style):
+    dataroot_blur, dataroot_sharp (str): an LMDB folder in basicsr layout (``io_backend.type: lmdb``)
+        or a folder of images, searched recursively (``io_backend.type: disk``).
+    io_backend (dict): ``{type: lmdb}`` or ``{type: disk}``; applies to both roots.
+    gt_size (int): patch size P (``patch_size`` is accepted as an alias). Required when phase is train.
+    use_hflip, use_rot (bool): random horizontal flip; random vertical flip and transpose (rotations).
+    phase (str): ``train`` crops and augments and draws the sharp image at random. Any other phase
+        returns whole images, no augmentation, and sharp image ``index % len(sharp)``.
+    mean, std (list, optional): normalisation, as basicsr's datasets.
+
+Item: ``{'lq': 3xPxP float32 RGB in [0, 1], 'ref': 3xPxP, 'lq_path': key or path, 'ref_path': ...}``;
+``len`` is the number of blurry images. Randomness comes from Python's ``random`` (basicsr seeds it per
+worker). Grayscale, 16-bit and alpha images follow the rule in ``image_checks`` (also documented in
+``datasets_lmdb/README.md``); problems found at construction raise ``UserError`` naming the option.
+"""
+import os
+import random
+
+from torch.utils import data as data
+from torchvision.transforms.functional import normalize
+
+from basicsr.data.transforms import augment
+from basicsr.utils import FileClient, img2tensor
+from basicsr.utils.registry import DATASET_REGISTRY
+
+from tpdiff_plugin.data import image_checks
+from tpdiff_plugin.utils.errors import UserError
+
+
+class _Source:
+    """One image collection (LMDB or folder): its keys/paths and their (h, w)."""
+
+    def __init__(self, root, backend, what):
+        self.what = what
+        if not isinstance(root, str) or not root:
+            raise UserError(f'{what}: missing; set it to an LMDB folder or an image folder')
+        self.root = root
+        if backend == 'lmdb':
+            entries = image_checks.check_lmdb(root, what)
+            self.names = [k for k, _ in entries]
+            self.sizes = [(h, w) for _, (h, w, _) in entries]
+            self._check_lmdb_channels(entries)
+        else:
+            self.names = image_checks.list_images(root, what)
+            self.sizes = [image_checks.image_size(p) for p in self.names]
+
+    def _check_lmdb_channels(self, entries):
+        bad = [(k, c) for k, (_, _, c) in entries if c not in (1, 2, 3, 4)]
+        if bad:
+            raise UserError(f'{self.what}: {self.root}: key {bad[0][0]!r} has {bad[0][1]} channels; only gray, '
+                            'gray+alpha, colour and colour+alpha images are accepted')
+        for key, (_, _, c) in entries:
+            if c in (2, 4):  # alpha: decode now so that transparent pixels fail here, not mid-training
+                image_checks.decode_bgr8(image_checks.read_lmdb_value(self.root, key), f'{self.root}[{key}]')
+
+    def check_min_size(self, size, option):
+        small = [(n, hw) for n, hw in zip(self.names, self.sizes) if hw[0] < size or hw[1] < size]
+        if small:
+            name, (h, w) = small[0]
+            more = f' ({len(small)} images in all)' if len(small) > 1 else ''
+            raise UserError(f'{self.what}: image {name!r} is {h}x{w} (h x w), smaller than {option} {size}'
+                            f'{more}; remove such images from {self.root} or lower {option}')
+
+
+@DATASET_REGISTRY.register()
+class UnpairedImageDataset(data.Dataset):
+    """Random blurry patch + independently drawn sharp patch (see module docstring for options)."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+        io_opt = dict(opt.get('io_backend') or {'type': 'disk'})
+        backend = io_opt.get('type')
+        if backend not in ('lmdb', 'disk'):
+            raise UserError(f'io_backend.type: {backend!r} is not supported by UnpairedImageDataset; use lmdb '
+                            'or disk')
+        self.backend = backend
+        self.phase = opt.get('phase', 'train')
+        self.mean = opt.get('mean')
+        self.std = opt.get('std')
+        self.use_hflip = bool(opt.get('use_hflip', False))
+        self.use_rot = bool(opt.get('use_rot', False))
+
+        size_key = 'gt_size' if opt.get('gt_size') is not None else 'patch_size'
+        self.patch_size = opt.get(size_key)
+        if self.patch_size is not None:
+            if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size < 1:
+                raise UserError(f'{size_key}: must be a positive integer, got {self.patch_size!r}')
+        elif self.phase == 'train':
+            raise UserError('gt_size: required for the train phase (the patch size; `patch_size` also works)')
+
+        for key in ('dataroot_blur', 'dataroot_sharp'):
+            if not opt.get(key):
+                raise UserError(f'{key}: missing; set it to an LMDB folder or an image folder')
+        blur_root, sharp_root = opt['dataroot_blur'], opt['dataroot_sharp']
+        if os.path.realpath(blur_root) == os.path.realpath(sharp_root):
+            raise UserError(f'dataroot_blur and dataroot_sharp are the same ({blur_root}); unpaired training '
+                            'needs a blurry set and a separate sharp set')
+        self.blur = _Source(blur_root, backend, 'dataroot_blur')
+        self.sharp = _Source(sharp_root, backend, 'dataroot_sharp')
+        if self.phase == 'train':
+            self.blur.check_min_size(self.patch_size, size_key)
+            self.sharp.check_min_size(self.patch_size, size_key)
+
+        if backend == 'lmdb':
+            io_opt['db_paths'] = [blur_root, sharp_root]
+            io_opt['client_keys'] = ['blur', 'sharp']
+        self.io_backend_opt = io_opt
+        self.file_client = None  # opened lazily, once per worker process (as basicsr does)
+
+    def __len__(self):
+        return len(self.blur.names)
+
+    def _read(self, source, index, client_key):
+        name = source.names[index]
+        content = self.file_client.get(name, client_key)
+        label = f'{source.root}[{name}]' if self.backend == 'lmdb' else name
+        return image_checks.decode_bgr8(content, label), name
+
+    def _crop(self, img):
+        """A random ``P x P`` crop, with random flips/rotations in the train phase."""
+        if self.phase != 'train':
+            return img
+        p = self.patch_size
+        h, w = img.shape[:2]
+        top = random.randint(0, h - p)
+        left = random.randint(0, w - p)
+        patch = img[top:top + p, left:left + p, :].copy()
+        return augment(patch, self.use_hflip, self.use_rot)
+
+    def __getitem__(self, index):
+        if self.file_client is None:
+            opt = dict(self.io_backend_opt)
+            self.file_client = FileClient(opt.pop('type'), **opt)
+        if self.phase == 'train':
+            sharp_index = random.randrange(len(self.sharp.names))  # independent of `index`: unpaired
+        else:
+            sharp_index = index % len(self.sharp.names)
+        img_blur, blur_name = self._read(self.blur, index, 'blur')
+        img_sharp, sharp_name = self._read(self.sharp, sharp_index, 'sharp')
+        patch_blur = self._crop(img_blur)
+        patch_sharp = self._crop(img_sharp)
+        lq, ref = img2tensor([patch_blur.astype('float32') / 255., patch_sharp.astype('float32') / 255.],
+                             bgr2rgb=True, float32=True)
+        if self.mean is not None or self.std is not None:
+            normalize(lq, self.mean, self.std, inplace=True)
+            normalize(ref, self.mean, self.std, inplace=True)
+        return {'lq': lq, 'ref': ref, 'lq_path': blur_name, 'ref_path': sharp_name}
