@@ -16,6 +16,16 @@ BIN = Path(sys.executable).parent
 torch.set_flush_denormal(True)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread. Two OpenMP threads on a shared 2-core machine spin-wait and ran
+    tiny-tensor tests up to ~90x slower; subprocess tests get OMP_NUM_THREADS=1 from run_cmd."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

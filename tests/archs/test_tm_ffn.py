@@ -1,0 +1,77 @@
+"""TM-FFN: a GDFN whose gated hidden features are modulated by the prior, h·(1+γ)+φ."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tpdiff_plugin.archs.tm_ffn import TMFFN
+
+
+
+def _gdfn_reference(ffn, x, gamma=None, phi=None):
+    """Restormer's GDFN written out, with the modulation applied to the gated hidden features."""
+    y = F.conv2d(x, ffn.project_in.weight, ffn.project_in.bias)
+    y = F.conv2d(y, ffn.dwconv.weight, ffn.dwconv.bias, padding=1, groups=y.shape[1])
+    h = F.gelu(y[:, :ffn.hidden]) * y[:, ffn.hidden:]
+    if gamma is not None:
+        h = h * (1 + gamma) + phi
+    return F.conv2d(h, ffn.project_out.weight, ffn.project_out.bias)
+
+
+def test_shape_hidden_width_and_gradients():
+    torch.manual_seed(0)
+    ffn = TMFFN(8, ffn_expansion_factor=2.66, prior_ch=4, prior_hidden=4)
+    assert ffn.hidden == 21 and ffn.prior_convs[-1].out_channels == 42
+    x = torch.randn(2, 8, 9, 11)
+    z = torch.randn(2, 4, 9, 11, requires_grad=True)
+    out = ffn(x, z)
+    assert out.shape == x.shape
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in ffn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='prior'):
+        ffn(x, None)
+
+
+def test_modulation_formula():
+    torch.manual_seed(0)
+    ffn = TMFFN(6, ffn_expansion_factor=2, prior_ch=3, prior_hidden=4)
+    x = torch.randn(1, 6, 5, 7)
+    z = torch.randn(1, 3, 5, 7)
+    gamma, phi = ffn.prior_convs(z).chunk(2, dim=1)
+    torch.testing.assert_close(ffn(x, z), _gdfn_reference(ffn, x, gamma, phi), atol=1e-5, rtol=1e-5)
+    # γ = φ = 0 (zero last prior layer): exactly the unmodulated GDFN
+    with torch.no_grad():
+        ffn.prior_convs[-1].weight.zero_()
+        ffn.prior_convs[-1].bias.zero_()
+    torch.testing.assert_close(ffn(x, z), _gdfn_reference(ffn, x), atol=1e-6, rtol=1e-6)
+    # γ = 1, φ = 0 doubles the hidden features, so the (linear, bias-free) output doubles
+    with torch.no_grad():
+        ffn.prior_convs[-1].bias[:ffn.hidden] = 1.0
+    torch.testing.assert_close(ffn(x, z), 2 * _gdfn_reference(ffn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_without_prior_is_plain_gdfn_with_fewer_params():
+    plain = TMFFN(8, prior_ch=4, use_prior=False)
+    full = TMFFN(8, prior_ch=4, use_prior=True)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert plain.prior_convs is None and n(plain) < n(full)
+    x = torch.randn(1, 8, 6, 6)
+    torch.testing.assert_close(plain(x), _gdfn_reference(plain, x))
+    assert torch.equal(plain(x, torch.randn(1, 4, 6, 6)), plain(x))
+
+
+def test_prior_change_acts_only_where_it_happens():
+    """The modulation is per pixel (1x1 convs on z, applied after the depthwise conv): a local change of z
+    changes the output exactly in that region."""
+    torch.manual_seed(0)
+    ffn = TMFFN(8, prior_ch=4, prior_hidden=4)
+    x = torch.randn(1, 8, 16, 16)
+    z = torch.randn(1, 4, 16, 16)
+    z2 = z.clone()
+    z2[..., 4:8, 9:13] += 2.0
+    with torch.no_grad():
+        delta = (ffn(x, z2) - ffn(x, z)).abs().sum(dim=1)[0]
+    assert delta[4:8, 9:13].min() > 0
+    delta[4:8, 9:13] = 0
+    assert delta.max() == 0

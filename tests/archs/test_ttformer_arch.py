@@ -1,0 +1,206 @@
+"""TTformer block and TPDiffNet: shapes on any size, prior routing, gradients, ablation switches."""
+import math
+
+import pytest
+import torch
+
+from tpdiff_plugin.archs.fm_msa import PriorDeformFilter
+from tpdiff_plugin.archs.ttformer_arch import LayerNorm2d, TPDiffNet, TTformerBlock, resize_prior
+
+
+
+TINY = dict(dim=4, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 2, 2), prior_ch=6,
+            prior_hidden=4, dm_feats=8, dm_blocks=1, dm_cond_blocks=1, dm_timesteps=3)
+
+
+def _net(**kw):
+    torch.manual_seed(0)
+    return TPDiffNet(**{**TINY, **kw})
+
+
+def _n(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_layernorm2d_normalises_channels_per_pixel():
+    ln = LayerNorm2d(5)
+    x = torch.randn(2, 5, 3, 4) * 3 + 1
+    y = ln(x)
+    torch.testing.assert_close(y.mean(1), torch.zeros(2, 3, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(1, unbiased=False), torch.ones(2, 3, 4), atol=1e-3, rtol=0)
+
+
+def test_ttformer_block_is_two_residual_branches():
+    torch.manual_seed(0)
+    block = TTformerBlock(8, 2, prior_ch=4, prior_hidden=4)
+    x, z = torch.randn(1, 8, 6, 7), torch.randn(1, 4, 6, 7)
+    y = x + block.attn(block.norm1(x), z)
+    torch.testing.assert_close(block(x, z), y + block.ffn(block.norm2(y), z))
+    plain = TTformerBlock(8, 2, prior_ch=4, use_prior=False)
+    assert plain.attn.filter is None and plain.ffn.prior_convs is None
+    assert plain(x).shape == x.shape
+
+
+def test_resize_prior():
+    z = torch.randn(1, 2, 4, 6)
+    assert resize_prior(z, (4, 6)) is z
+    torch.testing.assert_close(resize_prior(z, (2, 3)), torch.nn.functional.avg_pool2d(z, 2))  # area
+    up = resize_prior(z, (16, 24))
+    assert up.shape == (1, 2, 16, 24)
+    torch.testing.assert_close(up.mean((2, 3)), z.mean((2, 3)), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize('scale', [4, 1])
+@pytest.mark.parametrize('use_dm', [True, False])
+def test_any_size_batch_and_prior_shapes(scale, use_dm):
+    net = _net(prior_scale=scale, use_dm=use_dm)
+    lq = torch.randn(2, 3, 67, 93)
+    out, prior = net(lq, return_prior=True)
+    ph, pw = math.ceil(67 / scale), math.ceil(93 / scale)
+    assert out.shape == lq.shape
+    assert prior.shape == (2, 6, ph, pw) == net.prior_shape(lq)
+    given = torch.randn(2, 6, ph, pw)
+    out2, used = net(lq, prior=given, return_prior=True)
+    assert used is given and out2.shape == lq.shape
+    if use_dm:
+        out3, p3 = net(lq, prior_target=given, return_prior=True)
+        assert out3.shape == lq.shape and p3.shape == given.shape
+    else:
+        assert net.dm is None
+        assert torch.all(prior == 0)
+        torch.testing.assert_close(out, net(lq, prior=torch.zeros(2, 6, ph, pw)))
+
+
+def test_tiny_inputs_work():
+    net = _net()
+    for h, w in [(1, 1), (3, 5), (9, 2)]:
+        assert net(torch.randn(1, 3, h, w)).shape == (1, 3, h, w)
+
+
+def test_global_residual_and_exact_crop():
+    net = _net()
+    with torch.no_grad():
+        net.output.weight.zero_()
+    lq = torch.randn(1, 3, 21, 30)
+    assert torch.equal(net(lq), lq)
+
+
+def test_internal_padding_equals_explicit_padding_then_crop():
+    """A 60x60 input is reflect-padded to 64x64 (and its 15x15 prior replicate-padded to 16x16) inside."""
+    net = _net(use_dm=False)
+    lq = torch.randn(1, 3, 60, 60)
+    prior = torch.randn(1, 6, 15, 15)
+    out = net(lq, prior=prior)
+    padded = torch.nn.functional.pad(lq, (0, 4, 0, 4), mode='reflect')
+    padded_prior = torch.nn.functional.pad(prior, (0, 1, 0, 1), mode='replicate')
+    torch.testing.assert_close(out, net(padded, prior=padded_prior)[..., :60, :60], atol=1e-5, rtol=1e-5)
+    # the wrong prior shape is refused with a message naming it
+    with pytest.raises(ValueError, match='prior'):
+        net(lq, prior=torch.randn(1, 6, 60, 60))
+    with pytest.raises(ValueError, match='prior_target'):
+        _net()(lq, prior_target=torch.randn(1, 6, 14, 15))
+
+
+def test_prior_bypasses_dm_and_steers_the_output():
+    net = _net()
+    calls = []
+    net.dm.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    lq = torch.randn(1, 3, 32, 40)
+    p1, p2 = torch.randn(1, 6, 8, 10), torch.randn(1, 6, 8, 10)
+    a, b = net(lq, prior=p1), net(lq, prior=p2)
+    assert calls == []
+    assert not torch.allclose(a, b)
+    net(lq)
+    assert len(calls) == 3  # dm_timesteps reverse steps on the inference path
+
+
+def test_sampling_reproducible_with_generator():
+    net = _net()
+    lq = torch.randn(1, 3, 32, 32)
+    a = net(lq, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, net(lq, generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, net(lq, generator=torch.Generator().manual_seed(1)))
+
+
+def _assert_all_grads(module, skip=()):
+    missing = [n for n, p in module.named_parameters()
+               if not n.startswith(skip) and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, missing
+
+
+def test_every_parameter_gets_gradient_via_dm_training_path():
+    net = _net()
+    lq = torch.randn(2, 3, 35, 29)
+    target = torch.randn(*net.prior_shape(lq))
+    out, prior = net(lq, prior_target=target, return_prior=True)
+    # a loss on the output only: the DM learns through the U-Net (joint training)
+    (out * torch.randn_like(out)).sum().backward()
+    _assert_all_grads(net)
+
+
+def test_every_unet_parameter_gets_gradient_via_given_prior():
+    net = _net()
+    lq = torch.randn(2, 3, 35, 29)
+    prior = torch.randn(*net.prior_shape(lq), requires_grad=True)
+    out = net(lq, prior=prior)
+    (out * torch.randn_like(out)).sum().backward()
+    _assert_all_grads(net, skip=('dm.',))
+    assert all(p.grad is None for p in net.dm.parameters())
+    assert prior.grad.abs().sum() > 0
+
+
+def test_detach_prior_cuts_joint_training_but_keeps_the_diffusion_loss():
+    net = _net()
+    lq = torch.randn(1, 3, 32, 32)
+    target = torch.randn(*net.prior_shape(lq))
+    out, prior = net(lq, prior_target=target, detach_prior=True, return_prior=True)
+    out.sum().backward(retain_graph=True)
+    assert all(p.grad is None for p in net.dm.parameters())
+    (prior - target).abs().mean().backward()  # L_diff still trains the DM
+    _assert_all_grads(net.dm)
+
+
+def test_ablation_switches_build_run_and_shrink_the_network():
+    full = _net()
+    lq = torch.randn(1, 3, 24, 24)
+    for kw in (dict(fm_msa=False), dict(multi_scale_prior=False), dict(use_dm=False)):
+        net = _net(**kw)
+        assert _n(net) < _n(full), kw
+        assert net(lq).shape == lq.shape
+    assert not any(isinstance(m, PriorDeformFilter) for m in _net(fm_msa=False).modules())
+    single = _net(multi_scale_prior=False)
+    for name in ('encoder_level2', 'encoder_level3', 'latent', 'decoder_level3', 'decoder_level2'):
+        assert all(b.ffn.prior_convs is None and b.attn.filter is None for b in getattr(single, name).blocks), name
+    for name in ('encoder_level1', 'decoder_level1', 'refinement'):
+        assert all(b.ffn.prior_convs is not None for b in getattr(single, name).blocks), name
+    with pytest.raises(ValueError, match='even'):
+        _net(dim=5)
+    with pytest.raises(ValueError, match='deform_impl'):
+        _net(deform_impl='cuda')
+
+
+def test_deform_implementations_give_the_same_network_output():
+    lq = torch.randn(1, 3, 24, 40)
+    prior = torch.randn(1, 6, 6, 10)
+    a = _net(deform_impl='torchvision')(lq, prior=prior)
+    net = _net(deform_impl='grid_sample')
+    b = net(lq, prior=prior)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    net.set_deform_impl('torchvision')
+    assert {m.deform_impl for m in net.modules() if isinstance(m, PriorDeformFilter)} == {'torchvision'}
+    torch.testing.assert_close(net(lq, prior=prior), a)
+    with pytest.raises(ValueError, match='deform_impl'):
+        net.set_deform_impl('fast')
+
+
+def test_paper_structure_at_defaults():
+    net = TPDiffNet()
+    depth = [len(getattr(net, n).blocks) for n in ('encoder_level1', 'encoder_level2', 'encoder_level3', 'latent',
+                                                    'decoder_level3', 'decoder_level2', 'decoder_level1',
+                                                    'refinement')]
+    assert depth == [4, 6, 6, 8, 6, 6, 4, 4]
+    heads = [net.encoder_level1.blocks[0].attn.num_heads, net.encoder_level2.blocks[0].attn.num_heads,
+             net.encoder_level3.blocks[0].attn.num_heads, net.latent.blocks[0].attn.num_heads]
+    assert heads == [1, 2, 4, 8]
+    assert net.prior_scale == 4 and net.dm.timesteps == 8
+    assert net.encoder_level1.blocks[0].attn.filter.kernel_size == 3

@@ -1,0 +1,125 @@
+"""Texture Prior Encoder (TPE) of TP-Diff: a learnable texture memory, written from sharp images and read
+by blurry ones, producing the spatial texture prior z.
+
+- Encoders E_b, E_s: ``3x3 conv (in_ch -> enc_ch) -> GELU -> PixelUnshuffle(s) -> 1x1 (-> prior_ch) -> GELU
+  -> 3x3 conv``: one token of ``prior_ch`` channels per s×s patch (s = ``prior_scale``; s = 1 works).
+- Memory M: ``[mem_slots, prior_ch]`` learnable entries (N = 256, L = C = 64 in the paper).
+- Write, texture-memory enhancement (``write``): M attends to the sharp tokens of the whole batch,
+  ``M' = M + W_o softmax(W_q M · (W_k T_s)ᵀ / √L) W_v T_s``. Sharp images are unpaired with the blurry ones.
+- Read, texture-memory transfer (``read``): each blurry token q = W_r IN(E_b(b)) scores every entry of M'
+  (``q · M'ᵀ / √L``, the entries serve as their own keys) and takes the one with the highest score
+  (argmax, not a weighted sum). The selected entries, put back in place, form z.
+  IN standardises each channel over the image's token grid (no affine; W_r follows). Without it the
+  tokens of an image share a large common component (their spread is ~5-10% of their mean at
+  initialisation) and one or two of the 256 entries win for every token (measured on two scikit-image
+  photos at 256²: 1-3 distinct entries; with IN about 200), so only those entries would ever get
+  gradient. The selection is meant to follow the *spatial* variation of texture, which IN keeps.
+  (A constant shift of all entries, which the write tends to add, does not change the argmax.)
+  Gradient: ``z = M'[idx] + (q - sg(q))``: the forward value is exactly the selected entries; backward,
+  the selected rows of M' get dL/dz (plain indexing, so unselected rows get exactly zero) and the
+  query path (W_r, E_b) gets the straight-through copy of dL/dz, as a VQ-VAE encoder does.
+
+Shapes: ``read(blur [B, in_ch, H, W]) -> z [B, prior_ch, ceil(H/s), ceil(W/s)]`` (inputs are padded by
+reflection to a multiple of s); ``write(sharp [B', in_ch, H', W']) -> [mem_slots, prior_ch]``.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+
+
+def pad_to_multiple(x, multiple, mode='reflect'):
+    """Pad ``x [..., H, W]`` at the bottom/right up to multiples of ``multiple``.
+
+    Reflection needs the pad to be smaller than the side; tiny inputs fall back to replication.
+    Returns the padded tensor; crop with ``[..., :H, :W]``.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    if mode == 'reflect' and (ph >= h or pw >= w):
+        mode = 'replicate'
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+class TokenEncoder(nn.Module):
+    """E_b / E_s: image ``[B, in_ch, H, W]`` (H, W multiples of s) -> tokens ``[B, prior_ch, H/s, W/s]``."""
+
+    def __init__(self, in_ch=3, enc_ch=8, prior_ch=64, prior_scale=4):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, enc_ch, 3, padding=1), nn.GELU(),
+            nn.PixelUnshuffle(prior_scale),
+            nn.Conv2d(enc_ch * prior_scale * prior_scale, prior_ch, 1), nn.GELU(),
+            nn.Conv2d(prior_ch, prior_ch, 3, padding=1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@ARCH_REGISTRY.register()
+class TexturePriorEncoder(nn.Module):
+    """TPE: ``forward(blur, sharp=None) -> z [B, prior_ch, ceil(H/s), ceil(W/s)]``.
+
+    Args:
+        in_ch: image channels. prior_ch: C of the prior (= memory entry length L). mem_slots: N.
+        prior_scale: s, the prior is at 1/s of the image. enc_ch: width of the full-resolution conv of
+        the encoders. mem_init_std: std of the memory's normal init (1: entries of unit-scale components,
+        the scale of the DM's N(0, I) start).
+    """
+
+    def __init__(self, in_ch=3, prior_ch=64, mem_slots=256, prior_scale=4, enc_ch=8, mem_init_std=1.0):
+        super().__init__()
+        self.prior_ch = prior_ch
+        self.prior_scale = prior_scale
+        self.enc_blur = TokenEncoder(in_ch, enc_ch, prior_ch, prior_scale)
+        self.enc_sharp = TokenEncoder(in_ch, enc_ch, prior_ch, prior_scale)
+        self.memory = nn.Parameter(torch.randn(mem_slots, prior_ch) * mem_init_std)
+        # write: memory queries, sharp-token keys/values, output projection
+        self.write_q = nn.Linear(prior_ch, prior_ch)
+        self.write_k = nn.Linear(prior_ch, prior_ch)
+        self.write_v = nn.Linear(prior_ch, prior_ch)
+        self.write_out = nn.Linear(prior_ch, prior_ch)
+        # read: blurry-token query into the memory's space
+        self.read_q = nn.Linear(prior_ch, prior_ch)
+
+    def _tokens(self, encoder, img):
+        return encoder(pad_to_multiple(img, self.prior_scale))
+
+    def write(self, sharp):
+        """Texture-memory enhancement: ``sharp [B, in_ch, H, W] -> enhanced memory [mem_slots, prior_ch]``."""
+        tokens = self._tokens(self.enc_sharp, sharp).flatten(2).transpose(1, 2).reshape(-1, self.prior_ch)
+        q = self.write_q(self.memory)
+        k, v = self.write_k(tokens), self.write_v(tokens)
+        attn = (q @ k.t() / math.sqrt(self.prior_ch)).softmax(dim=-1)  # [N, B·h·w]: over all sharp tokens
+        return self.memory + self.write_out(attn @ v)
+
+    def read(self, blur, memory=None, return_index=False):
+        """Texture-memory transfer: ``blur [B, in_ch, H, W] -> z [B, prior_ch, ceil(H/s), ceil(W/s)]``.
+
+        ``memory`` None reads the raw learnable memory (no sharp image at hand); ``return_index`` also
+        returns the selected entry per token, ``[B, h, w]`` long.
+        """
+        if memory is None:
+            memory = self.memory
+        tokens = self._tokens(self.enc_blur, blur)
+        b, c, h, w = tokens.shape
+        tokens = tokens.flatten(2)
+        # Per-image standardisation over the token grid (an instance norm without affine, written out
+        # because F.instance_norm rejects a 1x1 grid): see the module docstring for why.
+        tokens = (tokens - tokens.mean(-1, keepdim=True)) / (tokens.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        q = self.read_q(tokens.transpose(1, 2))  # [B, hw, C]
+        scores = q @ memory.t() / math.sqrt(c)  # [B, hw, N]
+        index = scores.argmax(dim=-1)
+        selected = memory[index]  # [B, hw, C]; gradient only to the selected rows
+        z = selected + (q - q.detach())  # straight-through to the query path; value unchanged
+        z = z.transpose(1, 2).reshape(b, c, h, w)
+        if return_index:
+            return z, index.view(b, h, w)
+        return z
+
+    def forward(self, blur, sharp=None):
+        return self.read(blur, self.write(sharp) if sharp is not None else None)

@@ -1,0 +1,243 @@
+"""TTformer (Texture Transfer Transformer) deblurring network of TP-Diff: ``TPDiffNet`` = DM + U-Net.
+
+``TTformerBlock``: ``x = x + FM-MSA(LN x, z); x = x + TM-FFN(LN x, z)`` (``x [B, C, H, W]``, ``z
+[B, prior_ch, H, W]`` at the block's resolution, or None for a prior-free block).
+
+``TPDiffNet`` is Restormer-shaped: 3x3 patch embedding, a 4-level U-Net with [4, 6, 6, 8] blocks and
+[1, 2, 4, 8] heads, pixel-unshuffle downsampling / pixel-shuffle upsampling, skip concatenation with a
+1x1 channel reduction at levels 3 and 2 (level 1 keeps the concatenated 2·dim channels, as Restormer
+does), 4 refinement blocks at 2·dim, a 3x3 output conv and the global residual ``out = lq + r``.
+
+The prior (``[B, prior_ch, h, w]``, h = H/prior_scale) comes from the caller (``prior=``, e.g. the
+TPE's z), else from the DM (``self.dm``), else it is zeros (``use_dm=False`` and no prior given). It
+is resized to every level: bilinear up to full resolution / level 2, area (average) down for
+levels coarser than the prior. With ``multi_scale_prior=False`` only the full-resolution stages use it
+(encoder level 1, decoder level 1, refinement); the blocks of levels 2-4 are built prior-free
+(plain transposed attention + plain GDFN), so the ablation also has fewer parameters.
+
+Any input size works: the input is padded by reflection (replication for tiny sides) to a multiple
+of lcm(8, prior_scale), the U-Net and the DM run on the padded image and the output is cropped back.
+Prior tensors seen by callers (``prior``, ``prior_target``, the returned prior) always have the TPE's
+shape on lq, ``[B, prior_ch, ceil(H/s), ceil(W/s)]``; internally they are padded by replication to the
+padded image's prior grid.
+
+The class defaults are the paper-size configuration (tests/archs/test_paper_size.py): dim 30, the DM
+with 64 features and 5 denoiser blocks, and the TPE's defaults give TPDiffNet 11,756,808 (DM 684,544)
++ TexturePriorEncoder 128,000 = 11,884,808 parameters, against the paper's 11.89M. dim 32 would give
+13.23M: the prior convolutions of every block (Convs(z) of FM-MSA and TM-FFN) cost about 10%.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+
+from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
+from tpdiff_plugin.archs.fm_msa import DEFORM_IMPLS, FMMSA, PriorDeformFilter
+from tpdiff_plugin.archs.tm_ffn import TMFFN
+from tpdiff_plugin.archs.tpe_arch import pad_to_multiple
+
+
+class LayerNorm2d(nn.Module):
+    """Per-pixel LayerNorm over channels with weight and bias (Restormer's 'WithBias'): ``[B, C, H, W]`` kept.
+
+    Hand-written because torch's ``nn.LayerNorm`` normalises the trailing dims, not the channel dim of NCHW.
+    """
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class TTformerBlock(nn.Module):
+    """TTformer block. ``use_prior=False`` builds a prior-free block (Restormer's); ``fm_msa=False`` keeps
+    TM-FFN's modulation but replaces FM-MSA by plain transposed attention."""
+
+    def __init__(self, dim, num_heads, ffn_expansion_factor=2.66, bias=False, prior_ch=64, use_prior=True,
+                 fm_msa=True, filter_kernel=3, offset_groups=1, prior_hidden=16, deform_impl='auto'):
+        super().__init__()
+        self.use_prior = use_prior
+        self.norm1 = LayerNorm2d(dim)
+        self.attn = FMMSA(dim, num_heads, bias, prior_ch, use_filter=fm_msa and use_prior, filter_kernel=filter_kernel,
+                          offset_groups=offset_groups, prior_hidden=prior_hidden, deform_impl=deform_impl)
+        self.norm2 = LayerNorm2d(dim)
+        self.ffn = TMFFN(dim, ffn_expansion_factor, bias, prior_ch, use_prior=use_prior, prior_hidden=prior_hidden)
+
+    def forward(self, x, z=None):
+        x = x + self.attn(self.norm1(x), z)
+        return x + self.ffn(self.norm2(x), z)
+
+
+class TTformerLevel(nn.Module):
+    """A sequence of TTformer blocks sharing one prior: ``(x [B, C, H, W], z) -> [B, C, H, W]``."""
+
+    def __init__(self, num_blocks, **block_kwargs):
+        super().__init__()
+        self.use_prior = block_kwargs.get('use_prior', True)
+        self.blocks = nn.ModuleList(TTformerBlock(**block_kwargs) for _ in range(num_blocks))
+
+    def forward(self, x, z=None):
+        z = z if self.use_prior else None
+        for block in self.blocks:
+            x = block(x, z)
+        return x
+
+
+class Downsample(nn.Sequential):
+    """``[B, C, H, W] -> [B, 2C, H/2, W/2]``: 3x3 conv to C/2, then PixelUnshuffle(2)."""
+
+    def __init__(self, dim):
+        super().__init__(nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+
+class Upsample(nn.Sequential):
+    """``[B, C, H, W] -> [B, C/2, 2H, 2W]``: 3x3 conv to 2C, then PixelShuffle(2)."""
+
+    def __init__(self, dim):
+        super().__init__(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+
+def resize_prior(z, size):
+    """Resize a prior to ``size``: unchanged, bilinear when enlarging, area (average) when shrinking."""
+    if tuple(z.shape[-2:]) == tuple(size):
+        return z
+    if size[0] <= z.shape[-2] and size[1] <= z.shape[-1]:
+        return F.adaptive_avg_pool2d(z, size)
+    return F.interpolate(z, size=size, mode='bilinear', align_corners=False)
+
+
+@ARCH_REGISTRY.register()
+class TPDiffNet(nn.Module):
+    """TP-Diff deblurring network: DM (``self.dm``) + TTformer U-Net.
+
+    ``forward(lq [B, inp_channels, H, W], prior=None, prior_target=None, detach_prior=False,
+    return_prior=False, generator=None) -> out [B, out_channels, H, W]`` (or ``(out, prior_used)``).
+
+    - ``prior`` given: used as is (DM bypassed). Else with ``use_dm``: ``ẑ = dm(padded lq, z_target=prior_target)``
+      (the training path when ``prior_target`` is given, sampling from N(0, I) otherwise; ``generator``
+      makes the sampling reproducible). Else zeros.
+    - ``detach_prior``: the U-Net sees ``prior.detach()`` (the paper's "w/o joint training" ablation);
+      the returned prior is NOT detached, so an L1 diffusion loss on it still trains the DM.
+    - Prior shapes for callers: ``[B, prior_ch, ceil(H/s), ceil(W/s)]``.
+
+    Args beyond Restormer's: prior_ch / prior_scale (the TPE's C and s), filter_kernel (k of FM-MSA's
+    deformable filter), offset_groups, prior_hidden (width of the Convs(z) in each block), fm_msa,
+    multi_scale_prior, use_dm, dm_feats / dm_blocks / dm_cond_blocks / dm_timesteps /
+    dm_beta_start / dm_beta_end (PriorDiffusion's), deform_impl ('auto', 'torchvision',
+    'grid_sample').
+    """
+
+    def __init__(self, inp_channels=3, out_channels=3, dim=30, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
+                 heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False, prior_ch=64, prior_scale=4,
+                 filter_kernel=3, fm_msa=True, multi_scale_prior=True, use_dm=True, dm_feats=64, dm_blocks=5,
+                 dm_timesteps=8, deform_impl='auto', offset_groups=1, prior_hidden=16, dm_cond_blocks=2,
+                 dm_beta_start=0.1, dm_beta_end=0.99):
+        super().__init__()
+        if deform_impl not in DEFORM_IMPLS:
+            raise ValueError(f'deform_impl must be one of {DEFORM_IMPLS}, got {deform_impl!r}')
+        if dim % 2:
+            raise ValueError(f'dim must be even (pixel-unshuffle halves it before doubling), got {dim}')
+        if out_channels != inp_channels:
+            raise ValueError(f'out_channels ({out_channels}) must equal inp_channels ({inp_channels}): '
+                             'the output is lq + residual')
+        if len(num_blocks) != 4 or len(heads) != 4:
+            raise ValueError('num_blocks and heads must have 4 entries (one per U-Net level)')
+        self.prior_ch = prior_ch
+        self.prior_scale = prior_scale
+        self.multi_scale_prior = multi_scale_prior
+        self.pad_multiple = 8 * prior_scale // math.gcd(8, prior_scale)
+        self.dm = PriorDiffusion(inp_channels, prior_ch, prior_scale, dm_feats, dm_blocks, dm_timesteps,
+                                 dm_beta_start, dm_beta_end, dm_cond_blocks) if use_dm else None
+
+        common = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, prior_ch=prior_ch, fm_msa=fm_msa,
+                      filter_kernel=filter_kernel, offset_groups=offset_groups, prior_hidden=prior_hidden,
+                      deform_impl=deform_impl)
+
+        def level(n, d, h, full_res):
+            return TTformerLevel(n, dim=d, num_heads=h, use_prior=multi_scale_prior or full_res, **common)
+
+        self.patch_embed = nn.Conv2d(inp_channels, dim, 3, padding=1, bias=bias)
+        self.encoder_level1 = level(num_blocks[0], dim, heads[0], True)
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = level(num_blocks[1], dim * 2, heads[1], False)
+        self.down2_3 = Downsample(dim * 2)
+        self.encoder_level3 = level(num_blocks[2], dim * 4, heads[2], False)
+        self.down3_4 = Downsample(dim * 4)
+        self.latent = level(num_blocks[3], dim * 8, heads[3], False)
+        self.up4_3 = Upsample(dim * 8)
+        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, 1, bias=bias)
+        self.decoder_level3 = level(num_blocks[2], dim * 4, heads[2], False)
+        self.up3_2 = Upsample(dim * 4)
+        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=bias)
+        self.decoder_level2 = level(num_blocks[1], dim * 2, heads[1], False)
+        self.up2_1 = Upsample(dim * 2)
+        self.decoder_level1 = level(num_blocks[0], dim * 2, heads[0], True)
+        self.refinement = level(num_refinement_blocks, dim * 2, heads[0], True)
+        self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
+
+    def set_deform_impl(self, impl):
+        """Switch every FM-MSA filter to ``impl`` ('auto', 'torchvision', 'grid_sample'); weights are unaffected."""
+        if impl not in DEFORM_IMPLS:
+            raise ValueError(f'deform_impl must be one of {DEFORM_IMPLS}, got {impl!r}')
+        for m in self.modules():
+            if isinstance(m, PriorDeformFilter):
+                m.deform_impl = impl
+
+    def prior_shape(self, lq):
+        """The prior shape callers use for ``lq``: ``(B, prior_ch, ceil(H/s), ceil(W/s))``."""
+        b, _, h, w = lq.shape
+        s = self.prior_scale
+        return (b, self.prior_ch, -(-h // s), -(-w // s))
+
+    def _pad_prior(self, z, name, expected, padded_hw):
+        if tuple(z.shape) != expected:
+            raise ValueError(f'TPDiffNet: {name} has shape {tuple(z.shape)}, expected {expected} '
+                             '([B, prior_ch, ceil(H/prior_scale), ceil(W/prior_scale)])')
+        ph, pw = padded_hw[0] - z.shape[-2], padded_hw[1] - z.shape[-1]
+        return F.pad(z, (0, pw, 0, ph), mode='replicate') if ph or pw else z
+
+    def unet(self, x, z):
+        """The TTformer U-Net on a padded image: ``x [B, C, H, W]``, ``z`` at ``H/s`` -> residual ``[B, out, H, W]``."""
+        h, w = x.shape[-2:]
+        z1 = resize_prior(z, (h, w))
+        z2 = resize_prior(z, (h // 2, w // 2)) if self.multi_scale_prior else None
+        z3 = resize_prior(z, (h // 4, w // 4)) if self.multi_scale_prior else None
+        z4 = resize_prior(z, (h // 8, w // 8)) if self.multi_scale_prior else None
+
+        enc1 = self.encoder_level1(self.patch_embed(x), z1)
+        enc2 = self.encoder_level2(self.down1_2(enc1), z2)
+        enc3 = self.encoder_level3(self.down2_3(enc2), z3)
+        lat = self.latent(self.down3_4(enc3), z4)
+        dec3 = self.reduce_chan_level3(torch.cat([self.up4_3(lat), enc3], dim=1))
+        dec3 = self.decoder_level3(dec3, z3)
+        dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1))
+        dec2 = self.decoder_level2(dec2, z2)
+        dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1), z1)
+        return self.output(self.refinement(dec1, z1))
+
+    def forward(self, lq, prior=None, prior_target=None, detach_prior=False, return_prior=False, generator=None):
+        h, w = lq.shape[-2:]
+        expected = self.prior_shape(lq)
+        x = pad_to_multiple(lq, self.pad_multiple)
+        padded_hw = (x.shape[-2] // self.prior_scale, x.shape[-1] // self.prior_scale)
+        if prior is not None:
+            z_full = self._pad_prior(prior, 'prior', expected, padded_hw)
+            z = prior
+        elif self.dm is not None:
+            target = None
+            if prior_target is not None:
+                target = self._pad_prior(prior_target, 'prior_target', expected, padded_hw)
+            z_full = self.dm(x, z_target=target, generator=generator)
+            z = z_full[..., :expected[2], :expected[3]]
+        else:
+            z_full = lq.new_zeros((lq.shape[0], self.prior_ch) + padded_hw)
+            z = z_full[..., :expected[2], :expected[3]]
+        out = self.unet(x, z_full.detach() if detach_prior else z_full)[..., :h, :w] + lq
+        return (out, z) if return_prior else out
