@@ -5,7 +5,15 @@ imports every ``*_arch.py``, ``*_loss.py``, ``*_model.py`` and ``*_dataset.py`` 
 that they register with BasicSR's registries, and mirrors the networks into mmengine's ``MODELS``
 under the ``tpdiff`` scope.
 """
-from tpdiff_plugin import compat
+import os
+import sys
+
+if 'torch' not in sys.modules:
+    # On small shared CPU machines, OpenMP threads that spin while waiting made small conv nets up to
+    # ~100x slower (bench/README.md). Passive waiting costs nothing measurable; a user's setting wins.
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+from tpdiff_plugin import compat  # noqa: E402
 
 compat.apply()
 
@@ -14,3 +22,10 @@ from tpdiff_plugin.registry import register_archs_with_mmengine  # noqa: E402
 
 __version__ = '0.1.0'
 MMENGINE_NAMES = register_archs_with_mmengine(archs._modules)
+
+
+def __getattr__(name):  # lazy: `from tpdiff_plugin import Deblurrer` imports tpdiff_plugin.inference on first use
+    if name == 'Deblurrer':
+        from tpdiff_plugin.inference import Deblurrer
+        return Deblurrer
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -126,3 +126,42 @@ def test_l1_diffusion_loss_goes_down_on_a_small_problem():
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_explicit_noise_replaces_the_draw_in_sampling_and_training():
+    """``noise=`` is the Gaussian draw itself: the same tensor as the generator would draw gives the same z."""
+    dm = _tiny()
+    lq, target = torch.randn(2, 3, 16, 24), torch.randn(2, 6, 4, 6)
+    noise = torch.randn(2, 6, 4, 6, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(dm(lq, noise=noise), dm(lq, generator=torch.Generator().manual_seed(7)),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(dm(lq, z_target=target, noise=noise),
+                               dm(lq, z_target=target, generator=torch.Generator().manual_seed(7)), rtol=0, atol=0)
+    # the draw matters, and it is the first denoiser input when sampling
+    seen = []
+    dm.denoiser.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    other = dm(lq, noise=noise + 1)
+    assert torch.equal(seen[0], noise + 1)
+    assert not torch.allclose(other, dm(lq, noise=noise))
+    with pytest.raises(ValueError, match='noise has shape'):
+        dm(lq, noise=torch.randn(2, 6, 4, 5))
+
+
+def test_tpdiffnet_passes_noise_to_the_dm_with_the_callers_prior_shape():
+    from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+    torch.manual_seed(0)
+    net = TPDiffNet(dim=4, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 1, 1), prior_ch=6,
+                    prior_hidden=4, dm_feats=8, dm_blocks=1, dm_cond_blocks=1, dm_timesteps=2).eval()
+    with torch.no_grad():
+        lq = torch.rand(1, 3, 16, 24)  # a multiple of 8: no padding, the noise is used as given
+        noise = torch.randn(1, 6, 4, 6, generator=torch.Generator().manual_seed(3))
+        out, z = net(lq, noise=noise, return_prior=True)
+        ref, z_ref = net(lq, generator=torch.Generator().manual_seed(3), return_prior=True)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
+        assert not torch.allclose(z, net(lq, noise=-noise, return_prior=True)[1])
+        # any size: the noise has the prior shape callers see, ceil(H/s) x ceil(W/s), padded inside
+        lq = torch.rand(1, 3, 13, 21)
+        assert net(lq, noise=torch.randn(net.prior_shape(lq))).shape == lq.shape
+        with pytest.raises(ValueError, match='noise has shape'):
+            net(lq, noise=torch.randn(1, 6, 3, 5))

@@ -134,7 +134,10 @@ class PriorDiffusion(nn.Module):
             return torch.randn(shape, device=like.device, dtype=like.dtype)
         return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
 
-    def forward(self, lq, z_target=None, generator=None):
+    def forward(self, lq, z_target=None, generator=None, noise=None):
+        """``noise`` (optional, ``[B, prior_ch, H/s, W/s]``): the Gaussian draw to use instead of drawing one
+        (z_T when sampling, the q-sample noise when training); tiled inference passes each tile its crop
+        of one draw for the whole image, so that overlapping tiles start from the same z_T."""
         b, _, h, w = lq.shape
         s = self.prior_scale
         if h % s or w % s:
@@ -143,8 +146,13 @@ class PriorDiffusion(nn.Module):
         shape = (b, self.prior_ch, h // s, w // s)
         if z_target is not None and tuple(z_target.shape) != shape:
             raise ValueError(f'PriorDiffusion: z_target has shape {tuple(z_target.shape)}, expected {shape}')
+        if noise is None:
+            noise = self._noise(shape, lq, generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f'PriorDiffusion: noise has shape {tuple(noise.shape)}, expected {shape}')
+        else:
+            noise = noise.to(device=lq.device, dtype=lq.dtype)
         c = self.condition(lq)
-        noise = self._noise(shape, lq, generator)
         last = self.timesteps - 1
         if z_target is None:
             z = noise

@@ -118,11 +118,12 @@ class TPDiffNet(nn.Module):
     """TP-Diff deblurring network: DM (``self.dm``) + TTformer U-Net.
 
     ``forward(lq [B, inp_channels, H, W], prior=None, prior_target=None, detach_prior=False,
-    return_prior=False, generator=None) -> out [B, out_channels, H, W]`` (or ``(out, prior_used)``).
+    return_prior=False, generator=None, noise=None) -> out [B, out_channels, H, W]`` (or ``(out, prior_used)``).
 
     - ``prior`` given: used as is (DM bypassed). Else with ``use_dm``: ``ẑ = dm(padded lq, z_target=prior_target)``
       (the training path when ``prior_target`` is given, sampling from N(0, I) otherwise; ``generator``
-      makes the sampling reproducible). Else zeros.
+      makes the sampling reproducible; ``noise`` gives the DM's Gaussian draw itself, as tiled inference
+      does). Else zeros.
     - ``detach_prior``: the U-Net sees ``prior.detach()`` (the paper's "w/o joint training" ablation);
       the returned prior is NOT detached, so an L1 diffusion loss on it still trains the DM.
     - Prior shapes for callers: ``[B, prior_ch, ceil(H/s), ceil(W/s)]``.
@@ -222,7 +223,10 @@ class TPDiffNet(nn.Module):
         dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1), z1)
         return self.output(self.refinement(dec1, z1))
 
-    def forward(self, lq, prior=None, prior_target=None, detach_prior=False, return_prior=False, generator=None):
+    def forward(self, lq, prior=None, prior_target=None, detach_prior=False, return_prior=False, generator=None,
+                noise=None):
+        """``noise`` (optional, the prior shape for callers): the DM's Gaussian draw, used instead of drawing
+        one (see ``PriorDiffusion.forward``); padded by replication like the other prior tensors."""
         h, w = lq.shape[-2:]
         expected = self.prior_shape(lq)
         x = pad_to_multiple(lq, self.pad_multiple)
@@ -234,7 +238,9 @@ class TPDiffNet(nn.Module):
             target = None
             if prior_target is not None:
                 target = self._pad_prior(prior_target, 'prior_target', expected, padded_hw)
-            z_full = self.dm(x, z_target=target, generator=generator)
+            if noise is not None:
+                noise = self._pad_prior(noise, 'noise', expected, padded_hw)
+            z_full = self.dm(x, z_target=target, generator=generator, noise=noise)
             z = z_full[..., :expected[2], :expected[3]]
         else:
             z_full = lq.new_zeros((lq.shape[0], self.prior_ch) + padded_hw)

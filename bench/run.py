@@ -1,0 +1,361 @@
+"""TP-Diff benchmarks, measured side by side in one run (``make bench``; see bench/README.md).
+
+    .venv/bin/python bench/run.py [--device cpu|cuda] [--quick] [--size HxW] [--repeats N] [--json OUT]
+
+Rows (medians over interleaved repeats; machines are noisy, so only ratios from one run mean anything):
+- inference of TP-Diff (paper size, 11.76M) vs Restormer and NAFNet-GoPro (spandrel, random weights, their
+  published configurations) at one size: 256x256 by default on CPU (a 1280x720 Restormer forward takes
+  minutes there), 1280x720 on CUDA, 64x64 with --quick; and the time and parameter ratios;
+- the DM's sampling (E_c + all T denoiser steps) as a share of TP-Diff's inference time, the DM timed as its
+  own call on the same padded input, interleaved with the rest;
+- TP-Diff's achieved GFLOP/s (2 x MACs from mmengine's counter / time) against a dense matmul on the same
+  machine (fp32 on CPU; bf16 on CUDA, the precision the networks run in there);
+- FM-MSA's deformable filter at 32x256x256: torchvision.ops.deform_conv2d against the grid_sample form
+  (``deform_filter(impl='auto')`` uses grid_sample on CPU and torchvision on CUDA);
+- peak memory of one 512x512 tile of the paper-size network (CPU: RSS high-water mark of a fresh process)
+  and the estimate for a 3840x2160 photo deblurred with 512 tiles (tile peak + image-sized buffers);
+- one stage-2 training iteration of ``options/demo_stage2.yml`` (TPDiffModel built in-process with basicsr's
+  ``build_model``, tiny synthetic data), split into data, G and D time.
+
+CUDA runs use bf16 autocast and channels_last; ``--compile`` adds torch.compile (guarded: a network that
+fails to compile runs eager, and the table says so). ``--deblur-4k`` also deblurs a synthetic 3840x2160
+image with the paper-size network, tiled, and reports its time and peak RSS (CPU: tens of minutes).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+# Before torch loads OpenMP: idle OpenMP threads yield instead of spinning. On a shared 2-core machine the
+# spinning threads of two processes slowed small ops ~100x (measured; see bench/README.md).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+ROW_NAMES = (
+    'TP-Diff inference', 'Restormer inference', 'NAFNet-GoPro inference',
+    'TP-Diff / Restormer time', 'TP-Diff / NAFNet-GoPro time', 'TP-Diff / Restormer params',
+    'DM sampling share of TP-Diff', 'TP-Diff achieved throughput', 'dense matmul throughput',
+    'TP-Diff / matmul throughput', 'deform filter torchvision', 'deform filter grid_sample',
+    'torchvision / grid_sample time', 'peak memory, one 512x512 tile', 'est. peak memory, 3840x2160 tiled',
+    'stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D',
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    p.add_argument('--quick', action='store_true', help='small sizes, one repeat: about a minute on CPU')
+    p.add_argument('--size', default=None, metavar='HxW',
+                   help='inference size (default: 256x256 on CPU, 1280x720 on CUDA, 64x64 with --quick)')
+    p.add_argument('--repeats', type=int, default=None, help='interleaved repeats (default 3; 1 with --quick)')
+    p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
+    p.add_argument('--compile', action='store_true', help='CUDA: torch.compile the networks (guarded)')
+    p.add_argument('--no-memory', action='store_true', help='skip the 512x512 tile memory probe')
+    p.add_argument('--no-train', action='store_true', help='skip the stage-2 training iteration')
+    p.add_argument('--deblur-4k', action='store_true', help='also deblur a 3840x2160 image, tiled (slow on CPU)')
+    p.add_argument('--json', default=None, metavar='OUT', help='also write the rows as JSON')
+    return p.parse_args(argv)
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, name, value, unit, note=''):
+        self.rows.append({'row': name, 'value': value, 'unit': unit, 'note': note})
+
+    def skip(self, name, unit, note):
+        self.add(name, None, unit, note)
+
+    def print(self):
+        print(f'{"row":<36} | {"value":>10} | {"unit":<8} | note')
+        print('-' * 100)
+        for r in self.rows:
+            v = r['value']
+            if v is None:
+                text = 'skipped'
+            elif abs(v) >= 100:
+                text = f'{v:.1f}'
+            elif abs(v) >= 1:
+                text = f'{v:.3f}'
+            else:
+                text = f'{v:.4f}'
+            print(f'{r["row"]:<36} | {text:>10} | {r["unit"]:<8} | {r["note"]}', flush=True)
+
+
+def parse_size(text):
+    m = re.fullmatch(r'(\d+)x(\d+)', text or '')
+    if not m:
+        raise SystemExit(f'--size: expected HxW, got {text!r}')
+    return int(m.group(1)), int(m.group(2))
+
+
+def log(msg):
+    print(f'[bench] {msg}', file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA device here')
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    if args.size:
+        size = parse_size(args.size)
+    else:
+        size = (64, 64) if args.quick else (720, 1280) if cuda else (256, 256)
+    repeats = args.repeats or (1 if args.quick else 3)
+    import benchlib
+    from benchlib import interleaved, median
+
+    import tpdiff_plugin  # noqa: F401  (registers everything)
+    from basicsr.archs import build_network
+    from tpdiff_plugin.archs.fm_msa import deform_filter
+    from tpdiff_plugin.archs.peers_arch import PUBLISHED_CONFIGS
+    from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+    from tpdiff_plugin.tools.info import count_macs
+    import logging
+    logging.getLogger('basicsr').setLevel(logging.WARNING)
+
+    cpu_name = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+                    platform.processor()) if os.path.exists('/proc/cpuinfo') else platform.processor()
+    where = torch.cuda.get_device_name(device) if cuda else f'{cpu_name}, {torch.get_num_threads()} threads'
+    print(f'bench: device {args.device} ({where}), torch {torch.__version__}, inference at {size[0]}x{size[1]} (HxW)'
+          f'{" [--quick]" if args.quick else ""}, {repeats} interleaved repeat(s), medians; random weights')
+    table = Table()
+    amp = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else None
+    from contextlib import nullcontext
+    ctx = amp or nullcontext
+
+    # ------------------------------------------------------------------ networks
+    torch.manual_seed(0)
+    nets = {'TP-Diff': TPDiffNet()}
+    peer_notes = {}
+    for name in ('Restormer', 'NAFNet-GoPro'):
+        try:
+            nets[name] = build_network(dict(PUBLISHED_CONFIGS[name]))
+        except Exception as e:  # noqa: BLE001  (spandrel missing: the rows say so)
+            peer_notes[name] = str(e).splitlines()[0]
+    params = {k: sum(p.numel() for p in n.parameters()) for k, n in nets.items()}
+    compiled_note = {}
+    for name, net in nets.items():
+        net.eval().to(device)
+        if cuda:
+            net.to(memory_format=torch.channels_last)
+    h, w = size
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1)).to(device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tp = nets['TP-Diff']
+    noise = torch.randn(tp.prior_shape(x), generator=torch.Generator().manual_seed(2)).to(device)
+    # The DM alone, on the padded image exactly as TPDiffNet.forward calls it (eager, same precision): timed
+    # as its own call interleaved with the others, so that the share does not depend on hooks or compile.
+    from tpdiff_plugin.archs.tpe_arch import pad_to_multiple
+    x_dm = pad_to_multiple(x, tp.pad_multiple)
+    noise_dm = torch.randn(tp.dm.prior_ch, x_dm.shape[-2] // tp.prior_scale, x_dm.shape[-1] // tp.prior_scale,
+                           generator=torch.Generator().manual_seed(2))[None].to(device)
+
+    def dm_call():
+        with torch.no_grad(), ctx():
+            return tp.dm(x_dm, noise=noise_dm)
+    runners = {}
+    for name, net in nets.items():
+        fn = net
+        if args.compile and cuda:
+            try:
+                fn = torch.compile(net)
+                compiled_note[name] = 'torch.compile'
+            except Exception as e:  # noqa: BLE001
+                compiled_note[name] = f'eager (compile failed: {type(e).__name__})'
+        if name == 'TP-Diff':
+            runners[name] = (lambda f: (lambda inp, z: f(inp, noise=z)))(fn)
+        else:
+            runners[name] = (lambda f: (lambda inp, z: f(inp)))(fn)
+
+    def call(name, inp=None, z=None):
+        with torch.no_grad(), ctx():
+            return runners[name](x if inp is None else inp, noise if z is None and name == 'TP-Diff' else z)
+
+    # warm-up: a small image first (kernels, allocator); on CUDA also the real size (autotuning, compile)
+    small = torch.rand(1, 3, 64, 64, device=device)
+    for name, net in list(nets.items()):
+        try:
+            call(name, small, torch.randn(tp.prior_shape(small), device=device) if name == 'TP-Diff' else None)
+            if cuda:
+                call(name)
+        except Exception as e:  # noqa: BLE001  (a compiled net that fails at run time goes eager)
+            if name in compiled_note and compiled_note[name] == 'torch.compile':
+                compiled_note[name] = f'eager (compiled run failed: {type(e).__name__})'
+                runners[name] = (lambda f, tpd=(name == 'TP-Diff'): (lambda inp, z: f(inp, noise=z) if tpd
+                                                                      else f(inp)))(net)
+                call(name, small, torch.randn(tp.prior_shape(small), device=device) if name == 'TP-Diff' else None)
+            else:
+                raise
+    dm_call()
+
+    # ------------------------------------------------------------------ inference, interleaved with the matmul
+    n_mm = 512 if args.quick else 2048
+    mm_dtype = torch.bfloat16 if cuda else torch.float32
+    matmul = benchlib.matmul_call(n_mm, device, mm_dtype)
+    matmul()
+    calls = {name: (lambda nm=name: call(nm)) for name in nets}
+    calls['DM'] = dm_call
+    calls['matmul'] = lambda: [matmul() for _ in range(5)]
+    log(f'inference at {h}x{w}: {", ".join(nets)} + the DM alone + matmul, {repeats} round(s)')
+    times = interleaved(calls, repeats, device, on_round=lambda r: log(f'round {r + 1}/{repeats} done'))
+    t = {k: median(v) for k, v in times.items()}
+    dm_share = t['DM'] / t['TP-Diff']
+
+    note_size = f'{h}x{w}, median of {repeats}' + ('' if (h, w) == (720, 1280) else
+                                                    ' (not 1280x720: CPU budget; --size 1280x720 on GPU)')
+    precision = 'bf16 autocast, channels_last' if cuda else 'fp32'
+    table.add('TP-Diff inference', t['TP-Diff'], 's',
+              f'{params["TP-Diff"] / 1e6:.2f}M params, {note_size}, {precision}'
+              + (f', {compiled_note["TP-Diff"]}' if 'TP-Diff' in compiled_note else ''))
+    for name in ('Restormer', 'NAFNet-GoPro'):
+        if name in t:
+            table.add(f'{name} inference', t[name], 's', f'{params[name] / 1e6:.2f}M params, spandrel, {note_size}'
+                      + (f', {compiled_note[name]}' if name in compiled_note else ''))
+        else:
+            table.skip(f'{name} inference', 's', peer_notes.get(name, 'not available'))
+    for name, target in (('Restormer', 'target <= 1'), ('NAFNet-GoPro', '')):
+        if name in t:
+            table.add(f'TP-Diff / {name} time', t['TP-Diff'] / t[name], 'x',
+                      f'same size, same run; {target}'.rstrip('; '))
+        else:
+            table.skip(f'TP-Diff / {name} time', 'x', 'peer not available')
+    if 'Restormer' in params:
+        table.add('TP-Diff / Restormer params', params['TP-Diff'] / params['Restormer'], 'x',
+                  f'{params["TP-Diff"] / 1e6:.2f}M / {params["Restormer"] / 1e6:.2f}M; target < 0.5')
+    else:
+        table.skip('TP-Diff / Restormer params', 'x', 'peer not available')
+    table.add('DM sampling share of TP-Diff', 100 * dm_share, '%',
+              f'T={tp.dm.timesteps} steps (E_c + T denoiser calls), {t["DM"] * 1e3:.1f} ms of '
+              f'{t["TP-Diff"] * 1e3:.0f} ms (medians); target <= 15% (at 1280x720)')
+
+    # ------------------------------------------------------------------ GFLOP/s
+    probe = 64
+    counter_net = TPDiffNet().eval()  # MACs do not depend on the weights; counted on CPU at 64x64, scaled
+    macs = count_macs(counter_net, (torch.rand(1, 3, probe, probe),))[0] * (h * w) / (probe * probe)
+    del counter_net
+    achieved = 2 * macs / t['TP-Diff'] / 1e9
+    mm_gflops = 5 * 2 * n_mm ** 3 / t['matmul'] / 1e9
+    table.add('TP-Diff achieved throughput', achieved, 'GFLOP/s',
+              f'2 x {macs / 1e9:.1f} GMAC (mmengine count incl. T DM steps) / {t["TP-Diff"]:.3f} s')
+    table.add('dense matmul throughput', mm_gflops, 'GFLOP/s',
+              f'{n_mm}x{n_mm} {str(mm_dtype).replace("torch.", "")} torch.mm, interleaved with the networks')
+    table.add('TP-Diff / matmul throughput', achieved / mm_gflops, 'x', 'share of the machine\'s dense-matmul speed')
+
+    # ------------------------------------------------------------------ deformable filter
+    dc, dh = 32, (64 if args.quick else 256)
+    xd, off, mask, wd = benchlib.deform_inputs(dc, dh, dh, device)
+
+    def deform(impl):
+        with torch.no_grad():
+            return deform_filter(xd, off, mask, wd, impl=impl)
+    deform('torchvision'), deform('grid_sample')
+    d_rep = 2 if args.quick else 5
+    dt = interleaved({'torchvision': lambda: deform('torchvision'), 'grid_sample': lambda: deform('grid_sample')},
+                     d_rep, device)
+    auto = 'torchvision' if cuda else 'grid_sample'
+    agree = float((deform('torchvision') - deform('grid_sample')).abs().max())
+    table.add('deform filter torchvision', 1e3 * median(dt['torchvision']), 'ms',
+              f'{dc}x{dh}x{dh}, 3x3 modulated, 1 offset group, median of {d_rep}')
+    table.add('deform filter grid_sample', 1e3 * median(dt['grid_sample']), 'ms', f'max |difference| {agree:.1e}')
+    faster = 'grid_sample' if median(dt['grid_sample']) < median(dt['torchvision']) else 'torchvision'
+    table.add('torchvision / grid_sample time', median(dt['torchvision']) / median(dt['grid_sample']), 'x',
+              f'faster here: {faster}; deform_filter(impl="auto") uses {auto} on {device.type}')
+
+    # ------------------------------------------------------------------ memory of one tile, 4K estimate
+    tile = 512
+    ph, pw = -(-2160 // 8) * 8, -(-3840 // 8) * 8
+    # image-sized buffers of `tpdiff deblur` on a 4K photo: 8-bit image in and out, float32 input, output
+    # accumulator, float32 result and its rounding (numpy), float32 weight map, the DM noise at 1/4
+    buffers_mib = (2 * 3 * ph * pw + 4 * 3 * ph * pw * 4 + ph * pw * 4
+                   + tp.prior_ch * (ph // tp.prior_scale) * (pw // tp.prior_scale) * 4) / 2 ** 20
+    if args.no_memory or args.quick:
+        why = '--quick' if args.quick else '--no-memory'
+        table.skip(f'peak memory, one {tile}x{tile} tile', 'MiB', f'skipped ({why})')
+        table.skip('est. peak memory, 3840x2160 tiled', 'MiB', f'skipped ({why})')
+    else:
+        log(f'memory of one {tile}x{tile} tile (paper size)')
+        if cuda:
+            xt = torch.rand(1, 3, tile, tile, device=device)
+            zt = torch.randn(tp.prior_shape(xt), device=device)
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            call('TP-Diff', xt, zt)
+            torch.cuda.synchronize(device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+            table.add(f'peak memory, one {tile}x{tile} tile', peak, 'MiB', 'torch.cuda.max_memory_allocated - before, '
+                      'bf16 autocast')
+            table.add('est. peak memory, 3840x2160 tiled', peak + buffers_mib, 'MiB',
+                      f'tile peak + {buffers_mib:.0f} MiB of image-sized buffers (host and device)')
+        else:
+            probe_res = benchlib.tile_memory_subprocess(tile)
+            table.add(f'peak memory, one {tile}x{tile} tile', probe_res['peak_mib'], 'MiB',
+                      f'RSS high-water mark of a fresh process, fp32; {probe_res["base_mib"]:.0f} MiB before the '
+                      f'forward (torch + network); forward took {probe_res["seconds"]:.1f} s')
+            total = probe_res['peak_mib'] + buffers_mib
+            fits = 'fits in 24 GiB' if total < 24 * 1024 else 'does NOT fit in 24 GiB'
+            table.add('est. peak memory, 3840x2160 tiled', total, 'MiB',
+                      f'tile peak + {buffers_mib:.0f} MiB of image-sized buffers (8-bit in/out, float input, '
+                      f'accumulator, result, weight map, noise); {fits}')
+
+    # ------------------------------------------------------------------ stage-2 training iteration
+    stage2 = os.path.join(REPO, 'options', 'demo_stage2.yml')
+    from basicsr.utils.registry import MODEL_REGISTRY
+    names = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
+    if args.no_train:
+        for n in names:
+            table.skip(n, 'ms', 'skipped (--no-train)')
+    elif not os.path.isfile(stage2) or 'TPDiffModel' not in MODEL_REGISTRY:
+        for n in names:
+            table.skip(n, 'ms', 'skipped: options/demo_stage2.yml or TPDiffModel not there yet')
+    else:
+        iters = 3 if args.quick else 6
+        log(f'stage-2 training, {iters} iterations (the first is a warm-up)')
+        rows, batch, patch = benchlib.stage2_training_times(stage2, device, iters)
+        for n, key in zip(names, ('data', 'G', 'D')):
+            table.add(n, 1e3 * median(rows[key][1:]), 'ms',
+                      f'demo_stage2.yml, batch {batch} x {patch}px, synthetic folder data, median of {iters - 1}')
+
+    # ------------------------------------------------------------------ optional: a real 4K deblur
+    if args.deblur_4k:
+        from tpdiff_plugin.inference import Deblurrer
+        from tpdiff_plugin.tools.compare import PeakMemory
+        log('deblurring a synthetic 3840x2160 image, tile 512 (slow on CPU)')
+        deblurrer = Deblurrer(TPDiffNet(), device=device, tile=tile, tile_overlap=32, half=cuda)
+        img = torch.rand(1, 3, 2160, 3840)
+        with PeakMemory(device) as peak:
+            t0 = time.perf_counter()
+            deblurrer(img, progress=lambda d, n: log(f'tile {d}/{n}'))
+            seconds = time.perf_counter() - t0
+        table.add('deblur 3840x2160, tile 512', seconds, 's', 'paper size, tiled, overlap 32')
+        table.add('peak memory, 3840x2160 tiled', peak.mib, 'MiB', 'measured (process RSS high-water mark delta)'
+                  if not cuda else 'measured (cuda max allocated delta)')
+
+    print()
+    table.print()
+    if args.json:
+        with open(args.json, 'w', encoding='utf-8') as f:
+            json.dump({'device': args.device, 'where': where, 'size': size, 'repeats': repeats,
+                       'rows': [{**r, 'value': None if r['value'] is None or not math.isfinite(r['value'])
+                                 else r['value']} for r in table.rows]}, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""``tpdiff compare``: restorers side by side on one paired set; metrics, CSV, crops PNG, memory, errors."""
+import copy
+import csv
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from basicsr.metrics import calculate_psnr, calculate_ssim
+
+from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+from tpdiff_plugin.cli import tpdiff_main
+from tpdiff_plugin.tools.compare import PeakMemory, crop_box, realblur_metrics
+
+TINY_G = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
+              prior_ch=8, prior_hidden=8, ffn_expansion_factor=2.0, dm_feats=8, dm_blocks=1, dm_cond_blocks=1,
+              dm_timesteps=4)
+TINY_NAF = dict(type='PeerNAFNet', width=8, enc_blk_nums=[1, 1], middle_blk_num=1, dec_blk_nums=[1, 1])
+
+
+def _pairs(root, n=3, size=(44, 60)):
+    """A tiny paired folder set: smooth random 'sharp' images and their horizontally blurred versions."""
+    rng = np.random.default_rng(0)
+    (root / 'gt').mkdir(parents=True)
+    (root / 'lq').mkdir()
+    for i in range(n):
+        gt = cv2.resize(rng.integers(0, 256, (size[0] // 4, size[1] // 4, 3), dtype=np.uint8), size[::-1],
+                        interpolation=cv2.INTER_CUBIC)
+        lq = cv2.blur(gt, (7, 1))
+        cv2.imwrite(str(root / 'gt' / f'{i:03d}.png'), gt)
+        cv2.imwrite(str(root / 'lq' / f'{i:03d}.png'), lq)
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    data = _pairs(tmp_path / 'pairs')
+    torch.manual_seed(0)
+    identity = TPDiffNet(**{k: v for k, v in TINY_G.items() if k != 'type'})
+    with torch.no_grad():
+        identity.output.weight.zero_()  # residual 0: output = input, a restorer with known metrics
+    weights = tmp_path / 'identity.pth'
+    torch.save({'params': identity.state_dict()}, weights)
+    opt = {
+        'name': 'cmp_test', 'device': 'cpu', 'seed': 0, 'output_dir': str(tmp_path / 'res'),
+        'dataset': {'name': 'pairs', 'type': 'PairedImageDataset', 'dataroot_gt': str(data / 'gt'),
+                    'dataroot_lq': str(data / 'lq'), 'io_backend': {'type': 'disk'}},
+        'metrics': {'protocol': 'gopro', 'crop_border': 0},
+        'macs_size': '32x32',
+        'crops': {'size': 24, 'max_images': 2},
+        'restorers': {
+            'tpdiff-identity': {'network': TINY_G, 'weights': str(weights)},
+            'tpdiff-random': {'network': TINY_G, 'tile': 32, 'tile_overlap': 8},
+            'nafnet-tiny': {'network': TINY_NAF},
+        },
+    }
+    return tmp_path, data, copy.deepcopy(opt)  # tests edit it: never the module-level blocks
+
+
+def _write(tmp_path, opt):
+    path = tmp_path / 'compare.yml'
+    path.write_text(yaml.safe_dump(opt, sort_keys=False))
+    return str(path)
+
+
+def _read_csv(path):
+    with open(path, newline='') as f:
+        return {r['restorer']: r for r in csv.DictReader(f)}
+
+
+def test_compare_table_csv_and_crops(workspace, capsys):
+    tmp_path, data, opt = workspace
+    assert tpdiff_main(['compare', '-opt', _write(tmp_path, opt)]) == 0
+    out = capsys.readouterr().out
+    for label in ('input (blurry)', 'tpdiff-identity', 'tpdiff-random', 'nafnet-tiny'):
+        assert label in out
+    rows = _read_csv(tmp_path / 'res' / 'compare.csv')
+    assert list(rows) == ['input (blurry)', 'tpdiff-identity', 'tpdiff-random', 'nafnet-tiny']
+    # the input row is basicsr's GoPro protocol on the pairs (RGB, crop_border 0)
+    psnrs, ssims = [], []
+    for i in range(3):
+        lq, gt = (cv2.imread(str(data / d / f'{i:03d}.png')) for d in ('lq', 'gt'))
+        psnrs.append(calculate_psnr(lq, gt, 0))
+        ssims.append(calculate_ssim(lq, gt, 0))
+    assert float(rows['input (blurry)']['psnr']) == pytest.approx(np.mean(psnrs), abs=1e-6)
+    assert float(rows['input (blurry)']['ssim']) == pytest.approx(np.mean(ssims), abs=1e-6)
+    # a restorer whose output is its input scores exactly the input's metrics; random ones do not
+    assert float(rows['tpdiff-identity']['psnr']) == pytest.approx(np.mean(psnrs), abs=1e-6)
+    assert float(rows['tpdiff-random']['psnr']) != pytest.approx(np.mean(psnrs), abs=1e-3)
+    assert rows['tpdiff-identity']['weights'].endswith('identity.pth')
+    assert rows['nafnet-tiny']['weights'] == 'random init'
+    # params, MACs, speed and memory columns
+    n_params = sum(p.numel() for p in TPDiffNet(**{k: v for k, v in TINY_G.items() if k != 'type'}).parameters())
+    assert int(rows['tpdiff-identity']['params']) == n_params
+    for label in ('tpdiff-identity', 'tpdiff-random', 'nafnet-tiny'):
+        r = rows[label]
+        assert int(r['images']) == 3 and r['macs_size'] == '32x32'
+        for key in ('gmacs', 'sec_per_mp'):
+            assert np.isfinite(float(r[key])) and float(r[key]) > 0, (label, key)
+        assert float(r['peak_mib']) >= 0
+    assert float(rows['tpdiff-identity']['gmacs']) == pytest.approx(float(rows['tpdiff-random']['gmacs']))
+    # side-by-side crops: 2 images x (input + 3 restorers + GT) crops of 24 px with label strips
+    grid = cv2.imread(str(tmp_path / 'res' / 'compare.png'))
+    assert grid.shape[1] == 5 * 24 + 4 * 4
+    assert grid.shape[0] == 2 * (24 + 2 * 14 + 4 + 4)
+
+
+def test_realblur_protocol_aligns_before_measuring(workspace, capsys):
+    tmp_path, _, opt = workspace
+    opt['metrics'] = {'protocol': 'realblur', 'align_motion': 'translation'}
+    opt['restorers'] = {'tpdiff-identity': opt['restorers']['tpdiff-identity']}
+    opt['macs_size'] = None
+    assert tpdiff_main(['compare', '-opt', _write(tmp_path, opt)]) == 0
+    rows = _read_csv(tmp_path / 'res' / 'compare.csv')
+    assert float(rows['tpdiff-identity']['psnr']) == pytest.approx(float(rows['input (blurry)']['psnr']), abs=1e-4)
+    assert rows['tpdiff-identity']['gmacs'] == ''
+    assert 'protocol realblur (aligned: translation)' in capsys.readouterr().out
+
+
+def test_realblur_metrics_undo_a_shift_and_an_exposure_change():
+    from skimage import data
+    gt = data.astronaut()[100:300, 100:300].astype(np.float32) / 255
+    shifted = cv2.warpAffine(gt, np.float32([[1, 0, 2.5], [0, 1, -1.5]]), (200, 200), borderMode=cv2.BORDER_REFLECT)
+    plain = 10 * np.log10(1 / ((shifted - gt) ** 2).mean())
+    for motion in ('translation', 'homography'):
+        psnr, ssim = realblur_metrics(shifted * 0.8, gt, motion)
+        assert psnr > plain + 10 and ssim > 0.9, (motion, psnr, plain)
+    psnr, ssim = realblur_metrics(gt, gt)
+    assert psnr > 60 and ssim > 0.999
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device('cpu')) as small:
+        np.ones(1000)
+    with PeakMemory(torch.device('cpu')) as big:
+        a = np.ones(200 * 2 ** 20 // 8)  # 200 MiB, touched
+        del a
+    assert big.mib >= 150 and small.mib < 50
+
+
+def test_crop_box_finds_the_textured_region():
+    gt = torch.zeros(1, 3, 64, 96)
+    gt[..., 40:60, 70:90] = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(0))
+    top, left, size = crop_box(gt, 16)
+    assert size == 16 and 30 <= top <= 48 and 60 <= left <= 80
+
+
+@pytest.mark.parametrize('edit,match', [
+    (lambda o: o['dataset'].update(dataroot_gt='/nonexistent/gt'), 'dataset.dataroot_gt: no such file or folder'),
+    (lambda o: o['restorers']['nafnet-tiny']['network'].update(type='NoSuchNet'), 'no network named "NoSuchNet"'),
+    (lambda o: o['metrics'].update(protocol='psnr-y'), 'metrics.protocol must be one of gopro, realblur'),
+    (lambda o: o['restorers'].update(bad={'weights': 'x.pth'}), 'restorers.bad needs a "network" block'),
+    (lambda o: o['restorers']['nafnet-tiny'].update(weights='/nonexistent.pth'), 'no such checkpoint file'),
+])
+def test_bad_options_are_one_line_errors(workspace, capsys, edit, match):
+    tmp_path, _, opt = workspace
+    edit(opt)
+    assert tpdiff_main(['compare', '-opt', _write(tmp_path, opt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and match in err and '\n' not in err, err

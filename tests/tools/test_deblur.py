@@ -1,0 +1,123 @@
+"""``tpdiff deblur``: files, folders and globs; names and bit depth kept; one-line errors; failures summarised."""
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+from tpdiff_plugin.cli import tpdiff_main
+from tpdiff_plugin.inference import Deblurrer
+
+TINY_G = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
+              prior_ch=8, prior_hidden=8, ffn_expansion_factor=2.0, dm_feats=8, dm_blocks=1, dm_cond_blocks=1,
+              dm_timesteps=4)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A tiny trained-looking checkpoint (params + params_ema), its options file and a folder of inputs."""
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in TINY_G.items() if k != 'type'}
+    net, ema = TPDiffNet(**kwargs), TPDiffNet(**kwargs)
+    weights = tmp_path / 'net_g_100.pth'
+    torch.save({'params': net.state_dict(), 'params_ema': ema.state_dict()}, weights)
+    opt = tmp_path / 'opt.yml'
+    opt.write_text(yaml.safe_dump({'name': 'x', 'model_type': 'TPDiffModel', 'network_g': TINY_G}))
+    src = tmp_path / 'in'
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    images = {
+        'a.png': rng.integers(0, 256, (40, 56, 3), dtype=np.uint8),
+        'b16.png': rng.integers(0, 65536, (36, 44, 3)).astype(np.uint16),
+        'gray.png': rng.integers(0, 256, (30, 34), dtype=np.uint8),
+        'photo.jpg': rng.integers(0, 256, (32, 48, 3), dtype=np.uint8),
+    }
+    for name, img in images.items():
+        cv2.imwrite(str(src / name), img)
+    (src / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+    (src / 'notes.txt').write_text('not an image')
+    return {'weights': str(weights), 'opt': str(opt), 'src': src, 'tmp': tmp_path, 'ema': ema.eval(),
+            'images': images}
+
+
+def _deblur(*args):
+    return tpdiff_main(['deblur', *map(str, args), '--quiet'])
+
+
+def test_folder_keeps_names_and_bit_depth_and_reports_the_corrupt_file(setup, capsys):
+    out = setup['tmp'] / 'out'
+    code = _deblur('-i', setup['src'], '-o', out, '--weights', setup['weights'], '--opt', setup['opt'],
+                   '--tile', 32, '--tile-overlap', 8)
+    text = capsys.readouterr().out
+    assert code == 1  # one file failed, the others were processed
+    assert 'deblurred 4 of 5' in text and 'broken.png: cannot decode' in text
+    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'b16.png', 'gray.png', 'photo.jpg']
+    for name, img in setup['images'].items():
+        res = cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
+        assert res.dtype == img.dtype and res.shape == img.shape, name
+    # the values are the API's (params_ema, tiled the same way, same seed), 16-bit processed at 16 bits
+    d = Deblurrer(setup['ema'], tile=32, tile_overlap=8, seed=0)
+    b16 = cv2.cvtColor(setup['images']['b16.png'], cv2.COLOR_BGR2RGB)
+    expected = cv2.cvtColor(d(b16), cv2.COLOR_RGB2BGR)
+    np.testing.assert_array_equal(cv2.imread(str(out / 'b16.png'), cv2.IMREAD_UNCHANGED), expected)
+    assert np.unique(expected % 257).size > 1
+    a = cv2.cvtColor(setup['images']['a.png'], cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(cv2.imread(str(out / 'a.png')), cv2.cvtColor(d(a), cv2.COLOR_RGB2BGR))
+    assert not np.array_equal(cv2.imread(str(out / 'a.png')), setup['images']['a.png'])  # it did change
+
+
+def test_single_file_to_a_file_name_and_a_glob_to_a_folder(setup, capsys):
+    target = setup['tmp'] / 'res' / 'sharp.png'
+    assert _deblur('-i', setup['src'] / 'a.png', '-o', target, '--weights', setup['weights'], '--opt',
+                   setup['opt'], '--tile', 0) == 0
+    assert cv2.imread(str(target)).shape == (40, 56, 3)
+    # --tile 0: whole image, exactly the API's untiled result
+    a = cv2.cvtColor(setup['images']['a.png'], cv2.COLOR_BGR2RGB)
+    expected = Deblurrer(setup['ema'], seed=0)(a)
+    np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(target)), cv2.COLOR_BGR2RGB), expected)
+    out = setup['tmp'] / 'globbed'
+    assert _deblur('-i', str(setup['src'] / '*.png'), '-o', out, '--weights', setup['weights'], '--opt',
+                   setup['opt'], '--seed', 3) == 1  # broken.png matches the glob too
+    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'b16.png', 'gray.png']
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize('case,match', [
+    ('missing_weights', '--weights: no such checkpoint file'),
+    ('other_arch', 'does not fit TPDiffNet as configured'),
+    ('tile', '--tile: 64 must be larger than 2 x --tile-overlap'),
+    ('overwrite', 'would overwrite the input'),
+    ('no_input', '-i: no such file or folder'),
+    ('empty_glob', 'matches no image files'),
+])
+def test_bad_input_is_one_line_and_exit_code_2(setup, capsys, case, match):
+    src, tmp = setup['src'], setup['tmp']
+    args = ['-i', src / 'a.png', '-o', tmp / 'o', '--weights', setup['weights'], '--opt', setup['opt']]
+    if case == 'missing_weights':
+        args[5] = tmp / 'nope.pth'
+    elif case == 'other_arch':
+        args = args[:6]  # no --opt: the paper-size TPDiffNet, which the tiny checkpoint does not fit
+    elif case == 'tile':
+        args += ['--tile', 64, '--tile-overlap', 32]
+    elif case == 'overwrite':
+        args[1], args[3] = src, src
+    elif case == 'no_input':
+        args[1] = tmp / 'nothing_here'
+    elif case == 'empty_glob':
+        args[1] = str(tmp / '*.tif')
+    assert _deblur(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and match in err and '\n' not in err, err
+    assert not (tmp / 'o').exists()
+
+
+def test_console_script_runs_with_a_progress_bar(setup, cli_runner):
+    out = setup['tmp'] / 'cli'
+    res = cli_runner(['tpdiff', 'deblur', '-i', str(setup['src'] / 'a.png'), str(setup['src'] / 'gray.png'),
+                      '-o', str(out), '--weights', setup['weights'], '--opt', setup['opt'], '--device', 'cpu'],
+                     cwd=setup['tmp'])
+    assert res.returncode == 0, res.stderr
+    assert 'deblurred 2 of 2 image(s)' in res.stdout and 'device cpu' in res.stdout
+    assert '2/2' in res.stderr  # tqdm over the files
+    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'gray.png']

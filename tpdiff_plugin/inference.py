@@ -1,0 +1,390 @@
+"""Put a trained TP-Diff to work: the ``Deblurrer`` API and the tiling engine behind ``tpdiff deblur``.
+
+``Deblurrer.from_checkpoint(weights, opt=None, device='cpu', tile=None, tile_overlap=32, half=False, seed=0)``
+builds the network of ``opt`` (a basicsr options file or mapping with a ``network_g`` block, a bare
+network block, or None for the paper-size ``TPDiffNet``), loads ``params_ema`` (else ``params``) from a
+basicsr checkpoint with ``torch.load(weights_only=True)``, and returns an ``nn.Module``:
+
+- ``forward(x [B, 3, H, W] float in [0, 1]) -> [B, 3, H, W]`` in [0, 1], on ``x``'s device, no gradient;
+- ``deblurrer(array)``: an ``HxWx3`` uint8/uint16 RGB array (also ``HxW`` gray or ``HxWx4`` RGBA, whose
+  alpha is passed through) gives back the same kind, dtype and shape;
+- ``deblurrer(pil_image)`` gives back a PIL image of the same mode (RGB, L or RGBA).
+
+Tiling (``tile`` set): the image is cut into overlapping ``tile × tile`` tiles, each run through the
+network on its own, and blended into a float32 accumulator of the image size with a weight map, so
+peak memory is set by the tile, not the image. Neighbouring tiles crossfade with raised-cosine ramps
+centred in their overlap (1 elsewhere and at the image borders); the ramps of the tiles covering a
+pixel sum to 1, so the blend has no seams.
+
+The prior is generated per tile *consistently*: TP-Diff's DM starts from Gaussian noise z_T at 1/s of
+the image. Drawing z_T per tile would give each tile a different prior. Instead one z_T is drawn for the
+whole (padded) image from ``seed``, exactly as ``TPDiffNet.forward(lq, generator=...)`` draws it, and
+each tile gets its crop (``TPDiffNet.forward(..., noise=...)``). Tiles start on multiples of the
+network's size multiple (8 for ``prior_scale`` 4), so the crops line up with the prior grid, and an
+image that fits in one tile gives bit for bit the untiled result, which is also what ``basicsr test``
+(``val.sample_seed``) computes for the same seed.
+"""
+import copy
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from tpdiff_plugin.utils.errors import UserError
+
+__all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'check_tiling', 'tile_starts', 'axis_windows',
+           'run_tiled', 'image_to_tensor', 'tensor_to_image']
+
+
+# ---------------------------------------------------------------------------------------------- network
+def build_restorer(opt=None, source='--opt', key='network_g'):
+    """Build the restorer network of ``opt``.
+
+    ``opt``: None (``TPDiffNet`` class defaults, the paper size), a path to a basicsr options YAML or a
+    mapping with a ``network_g`` block, or a network block itself (a mapping with ``type``). ``source`` and
+    ``key`` name the file and option in error messages.
+    """
+    import tpdiff_plugin  # noqa: F401  (registers the networks)
+    from tpdiff_plugin.tools.info import build
+    from tpdiff_plugin.utils.options import load_options_file
+    if opt is None:
+        from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+        return TPDiffNet()
+    if isinstance(opt, (str, os.PathLike)):
+        source = os.fspath(opt)
+        if not os.path.isfile(source):
+            raise UserError(f'--opt: no such options file: {source}')
+        opt = load_options_file(source)
+    if not isinstance(opt, dict):
+        raise UserError(f'{source}: expected an options mapping, got {type(opt).__name__}')
+    if 'type' in opt:  # a bare network block
+        block = opt
+    elif 'network_g' in opt:
+        block = opt['network_g']
+    else:
+        raise UserError(f'{source}: no network_g block (e.g. network_g: {{type: TPDiffNet, ...}})')
+    import logging
+    logging.getLogger('basicsr').setLevel(logging.WARNING)  # build_network logs "Network [..] is created."
+    return build(source, key, copy.deepcopy(block))
+
+
+def _describe_keys(keys, limit=3):
+    keys = sorted(keys)
+    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def load_weights(net, weights, param_key=None):
+    """Load a basicsr checkpoint into ``net``; returns the key used (``params_ema``, ``params`` or None).
+
+    ``param_key`` None: ``params_ema`` if present, else ``params``, else the file itself when it is a bare
+    state dict. ``module.`` prefixes (DDP) are dropped. A checkpoint that does not fit ``net`` raises a
+    one-line ``UserError`` listing a few missing / unexpected / mis-shaped keys.
+    """
+    weights = os.fspath(weights)
+    if not os.path.isfile(weights):
+        raise UserError(f'--weights: no such checkpoint file: {weights}')
+    try:
+        ckpt = torch.load(weights, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001  (corrupt or foreign file: one line naming it)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise UserError(f'{weights}: cannot read checkpoint ({type(e).__name__}: {first})') from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{weights}: not a basicsr checkpoint (expected a dict with "params"), '
+                        f'got {type(ckpt).__name__}')
+    if param_key is not None:
+        if param_key not in ckpt:
+            raise UserError(f'{weights}: no "{param_key}" entry (has: {_describe_keys(map(str, ckpt), 5)})')
+        key = param_key
+    else:
+        key = next((k for k in ('params_ema', 'params') if k in ckpt), None)
+    state = ckpt[key] if key is not None else ckpt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f'{weights}: no "params_ema" or "params" state dict inside '
+                        f'(has: {_describe_keys(map(str, ckpt), 5)}); is it a basicsr network checkpoint?')
+    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
+    own = net.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    shapes = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f'missing keys: {_describe_keys(missing)}')
+        if unexpected:
+            parts.append(f'unexpected keys: {_describe_keys(unexpected)}')
+        if shapes:
+            k = sorted(shapes)[0]
+            parts.append(f'{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} vs '
+                         f'network {tuple(own[k].shape)}')
+        raise UserError(f'{weights}: does not fit {type(net).__name__} as configured ({"; ".join(parts)}); '
+                        'pass the --opt (network_g) the checkpoint was trained with')
+    net.load_state_dict(state, strict=True)
+    return key
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+def check_tiling(tile, overlap, align=1):
+    """Validate ``tile`` / ``overlap`` and return ``(tile, overlap)``, the tile rounded down to ``align``.
+
+    Rule: ``tile > 2 * overlap``. A tile crossfades with its neighbours over ``overlap`` pixels on each
+    side; with ``tile <= 2 * overlap`` no pixel of a tile would be its own (every tile would be all
+    crossfade, and a third tile could reach into the first one's overlap).
+    """
+    if tile is None:
+        return None, overlap
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
+        raise UserError(f'--tile: expected a positive number of pixels, got {tile!r}')
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise UserError(f'--tile-overlap: expected a number of pixels >= 0, got {overlap!r}')
+    rounded = tile // align * align
+    if rounded < align:
+        raise UserError(f'--tile: {tile} is smaller than the network\'s size multiple {align}')
+    if rounded <= 2 * overlap:
+        note = f' (rounded down to {rounded}, a multiple of {align})' if rounded != tile else ''
+        raise UserError(f'--tile: {tile}{note} must be larger than 2 x --tile-overlap ({overlap}); '
+                        f'use a tile of at least {2 * overlap + align} or a smaller overlap')
+    return rounded, overlap
+
+
+def tile_starts(size, tile, stride):
+    """Start offsets of tiles of ``tile`` px along a side of ``size`` px, ``stride`` apart, the last one
+    flush with the end. One tile (at 0) when ``tile >= size``."""
+    if tile >= size:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    starts.append(size - tile)
+    return starts
+
+
+def _fade_in(positions, center, width):
+    """Raised-cosine step from 0 to 1 over ``width`` px centred on ``center``, at pixel centres ``positions``."""
+    if width <= 0:
+        return (positions + 0.5 >= center).double()
+    u = ((positions + 0.5 - (center - width / 2)) / width).clamp(0, 1)
+    return 0.5 - 0.5 * torch.cos(math.pi * u)
+
+
+def axis_windows(starts, tile, overlap):
+    """1-D blend windows (``[tile]`` float32 each) for tiles at ``starts`` along one axis.
+
+    Between tiles i and i+1 the weight crossfades over ``min(overlap, their overlap)`` px centred in their
+    overlap (narrowed if it would meet the next crossfade): tile i fades out exactly as tile i+1 fades in,
+    so at every pixel the windows of the tiles covering it sum to 1 (a partition of unity), and the pixels
+    nearest a tile's inner border, where it lacks context, get no weight when the overlap is wider.
+    """
+    n = len(starts)
+    centers = [(starts[i + 1] + starts[i] + tile) / 2 for i in range(n - 1)]
+    widths = [min(overlap, starts[i] + tile - starts[i + 1]) for i in range(n - 1)]
+    for i in range(n - 2):  # crossfades must not meet: each keeps to its half of the gap
+        room = centers[i + 1] - centers[i]
+        if widths[i] / 2 + widths[i + 1] / 2 > room:
+            widths[i] = widths[i + 1] = min(widths[i], widths[i + 1], int(room))
+    windows = []
+    for i, s0 in enumerate(starts):
+        pos = torch.arange(s0, s0 + tile, dtype=torch.float64)
+        w = torch.ones(tile, dtype=torch.float64)
+        if i > 0:
+            w = w * _fade_in(pos, centers[i - 1], widths[i - 1])
+        if i < n - 1:
+            w = w * (1 - _fade_in(pos, centers[i], widths[i]))
+        windows.append(w.float())
+    return windows
+
+
+def run_tiled(fn, x, tile, overlap, align=1, noise=None, prior_scale=1, progress=None):
+    """Run ``fn`` over ``x [B, C, H, W]`` tile by tile and blend the outputs; returns float32 ``[B, C, H, W]``
+    on ``x``'s device.
+
+    ``fn(x_tile, noise_tile) -> out_tile`` (``noise_tile`` None when ``noise`` is None). ``H`` and ``W`` must
+    be multiples of ``align`` (the caller pads), ``tile`` a multiple of ``align`` and ``align`` a multiple
+    of ``prior_scale``; ``noise`` is ``[B, Cn, H/prior_scale, W/prior_scale]`` and each tile gets its crop.
+    Tiles start ``tile - overlap`` (rounded down to ``align``) apart, the last one flush with the edge;
+    see :func:`axis_windows` for the blend. Only the float32 output accumulator and weight map are
+    image-sized; ``fn`` never sees more than one tile. ``progress``: optional callable(done, total).
+    """
+    b, c, h, w = x.shape
+    if h % align or w % align or tile % align:
+        raise ValueError(f'run_tiled: image {h}x{w} and tile {tile} must be multiples of align={align}')
+    th, tw = min(tile, h), min(tile, w)
+    stride = max(align, (tile - overlap) // align * align)
+    ys, xs = tile_starts(h, th, stride), tile_starts(w, tw, stride)
+    if len(ys) == 1 and len(xs) == 1:  # one tile: the untiled result, exactly
+        out = fn(x, noise).float()
+        if progress is not None:
+            progress(1, 1)
+        return out
+    wys, wxs = axis_windows(ys, th, overlap), axis_windows(xs, tw, overlap)
+    out = None
+    weight = torch.zeros(1, 1, h, w, dtype=torch.float32, device=x.device)
+    total, done, s = len(ys) * len(xs), 0, prior_scale
+    for y0, wy in zip(ys, wys):
+        for x0, wx in zip(xs, wxs):
+            tile_noise = None
+            if noise is not None:
+                tile_noise = noise[..., y0 // s:(y0 + th) // s, x0 // s:(x0 + tw) // s]
+            y = fn(x[..., y0:y0 + th, x0:x0 + tw], tile_noise).float()
+            if out is None:
+                out = torch.zeros(b, y.shape[1], h, w, dtype=torch.float32, device=x.device)
+            win = (wy[:, None] * wx[None, :]).to(x.device)
+            out[..., y0:y0 + th, x0:x0 + tw] += y * win
+            weight[..., y0:y0 + th, x0:x0 + tw] += win
+            del y
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return out.div_(weight.clamp_(min=1e-12))
+
+
+# ---------------------------------------------------------------------------------------------- images
+def image_to_tensor(img):
+    """``HxW`` / ``HxWx3`` / ``HxWx4`` uint8 or uint16 RGB(A) array -> ``([1, 3, H, W] float32 in [0, 1], info)``.
+
+    ``info`` holds what :func:`tensor_to_image` needs to give back the same kind of array (dtype, gray or
+    colour, the alpha channel, passed through unchanged).
+    """
+    if not isinstance(img, np.ndarray):
+        raise TypeError(f'expected a numpy array, got {type(img).__name__}')
+    if img.dtype == np.uint8:
+        peak = 255.0
+    elif img.dtype == np.uint16:
+        peak = 65535.0
+    else:
+        raise ValueError(f'unsupported pixel type {img.dtype}: only 8-bit and 16-bit images are accepted')
+    gray = img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
+        raise ValueError(f'unsupported image shape {tuple(img.shape)}: expected HxW, HxWx3 (RGB) or HxWx4 (RGBA)')
+    alpha = img[..., 3].copy() if img.ndim == 3 and img.shape[2] == 4 else None
+    rgb = img.reshape(img.shape[0], img.shape[1], -1)[..., :3]
+    if gray:
+        rgb = np.repeat(rgb[..., :1], 3, axis=2)
+    x = torch.from_numpy(np.ascontiguousarray(rgb).astype(np.float32) / peak).permute(2, 0, 1)[None]
+    return x, {'dtype': img.dtype, 'peak': peak, 'gray': gray, 'ndim': img.ndim, 'alpha': alpha}
+
+
+def tensor_to_image(x, info):
+    """Inverse of :func:`image_to_tensor` for ``x [1, 3, H, W]`` (clipped to [0, 1], rounded)."""
+    rgb = x[0].detach().float().clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
+    if info['gray']:  # the network sees three equal channels; give back one (their mean)
+        rgb = rgb.mean(axis=2, keepdims=True)
+    out = np.rint(rgb * info['peak']).astype(info['dtype'])
+    if info['gray']:
+        return out[..., 0] if info['ndim'] == 2 else out
+    if info['alpha'] is not None:
+        out = np.concatenate([out, info['alpha'][..., None]], axis=2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- API
+def _resolve_device(device):
+    device = torch.device('cuda' if device in (None, 'auto') and torch.cuda.is_available()
+                          else 'cpu' if device in (None, 'auto') else device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda: no CUDA device is available here; use --device cpu')
+    return device
+
+
+class Deblurrer(nn.Module):
+    """A restorer ready for use: network + weights + device + precision + tiling + seed.
+
+    Example::
+
+        from tpdiff_plugin import Deblurrer
+        deblur = Deblurrer.from_checkpoint('experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth',
+                                           opt='options/demo_stage2.yml', tile=512)
+        sharp = deblur(cv2.cvtColor(cv2.imread('blurry.png'), cv2.COLOR_BGR2RGB))  # HxWx3 uint8 RGB in/out
+        y = deblur(torch.rand(1, 3, 720, 1280))                                     # [B, 3, H, W] in [0, 1]
+
+    Args:
+        net: the network (``TPDiffNet`` or any restorer ``[B, 3, H, W] -> [B, 3, H, W]``).
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:N'`` or ``'auto'``.
+        tile, tile_overlap: tile size (rounded down to the network's size multiple) and overlap in pixels;
+            ``tile=None`` runs whole images. Rule: ``tile > 2 * tile_overlap``.
+        half: fp16 autocast on CUDA, bf16 autocast on CPU (weights stay fp32).
+        seed: seed of the DM's initial noise; every call draws it afresh from this seed, so results do not
+            depend on call order.
+
+    On CPU it calls ``torch.set_flush_denormal(True)`` for the process, as every CPU entry point of the
+    plugin does: near-identity residual networks produce denormal floats, which x86 handles ~20x slower.
+    """
+
+    def __init__(self, net, device='cpu', tile=None, tile_overlap=32, half=False, seed=0):
+        super().__init__()
+        self.device = _resolve_device(device)
+        if self.device.type == 'cpu':
+            torch.set_flush_denormal(True)
+        self.net = net.eval().to(self.device)
+        self.prior_scale = int(getattr(net, 'prior_scale', 1)) if getattr(net, 'dm', None) is not None else 1
+        self.align = int(getattr(net, 'pad_multiple', 1))
+        self.uses_noise = getattr(net, 'dm', None) is not None
+        self.tile, self.tile_overlap = check_tiling(tile, tile_overlap, self.align)
+        self.half = bool(half)
+        self.seed = int(seed)
+
+    @classmethod
+    def from_checkpoint(cls, weights, opt=None, device='cpu', tile=None, tile_overlap=32, half=False, seed=0,
+                        param_key=None):
+        """Build ``opt``'s network (see :func:`build_restorer`), load ``weights`` and wrap it."""
+        net = build_restorer(opt)
+        load_weights(net, weights, param_key)
+        return cls(net, device=device, tile=tile, tile_overlap=tile_overlap, half=half, seed=seed)
+
+    def extra_repr(self):
+        return (f'device={self.device}, tile={self.tile}, tile_overlap={self.tile_overlap}, half={self.half}, '
+                f'seed={self.seed}')
+
+    def _autocast(self):
+        if not self.half:
+            return nullcontext()
+        dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _run(self, x_tile, noise_tile):
+        with self._autocast():
+            if noise_tile is None:
+                return self.net(x_tile)
+            return self.net(x_tile, noise=noise_tile)
+
+    def initial_noise(self, batch, padded_hw):
+        """The DM's z_T for a padded image: drawn as ``TPDiffNet`` draws it from ``Generator().manual_seed(seed)``."""
+        s = self.prior_scale
+        shape = (batch, self.net.prior_ch, padded_hw[0] // s, padded_hw[1] // s)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
+
+    def forward(self, x, progress=None):
+        """``x [B, 3, H, W]`` float in [0, 1] -> deblurred ``[B, 3, H, W]`` in [0, 1] (same device and dtype)."""
+        if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f'Deblurrer: expected a float tensor [B, 3, H, W], got '
+                             f'{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}')
+        from tpdiff_plugin.archs.tpe_arch import pad_to_multiple
+        h, w = x.shape[-2:]
+        with torch.no_grad():
+            xp = pad_to_multiple(x.to(self.device, torch.float32), self.align)
+            noise = self.initial_noise(x.shape[0], xp.shape[-2:]).to(self.device) if self.uses_noise else None
+            if self.tile is None:
+                out = self._run(xp, noise).float()
+            else:
+                out = run_tiled(self._run, xp, self.tile, self.tile_overlap, self.align, noise, self.prior_scale,
+                                progress)
+            return out[..., :h, :w].clamp_(0, 1).to(x.device, x.dtype)
+
+    def deblur_array(self, img):
+        """An ``HxW`` / ``HxWx3`` / ``HxWx4`` uint8 or uint16 RGB(A) array -> the deblurred array, same kind."""
+        x, info = image_to_tensor(img)
+        return tensor_to_image(self.forward(x), info)
+
+    def __call__(self, x, *args, **kwargs):
+        if isinstance(x, np.ndarray):
+            return self.deblur_array(x)
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover
+            Image = None
+        if Image is not None and isinstance(x, Image.Image):
+            mode = x.mode
+            img = x if mode in ('RGB', 'L', 'RGBA') else x.convert('RGB')
+            return Image.fromarray(self.deblur_array(np.asarray(img)))  # uint8 RGB, L or RGBA: the same mode
+        return super().__call__(x, *args, **kwargs)
