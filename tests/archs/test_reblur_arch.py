@@ -1,0 +1,69 @@
+"""ReblurUNet: shapes for any size, the global residual, gradients, and that it can learn a blur."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from basicsr.archs import build_network
+from tpdiff_plugin.archs.reblur_arch import ReblurUNet
+
+
+@pytest.mark.parametrize('size', [(32, 32), (37, 50), (9, 8), (1, 3)])
+def test_any_size_keeps_shape(size):
+    net = ReblurUNet(base_ch=4, num_levels=4)
+    x = torch.rand(2, 3, *size)
+    assert net(x).shape == x.shape
+
+
+def test_global_residual_is_identity_when_the_unet_outputs_zero():
+    net = ReblurUNet(base_ch=4, num_levels=3)
+    torch.nn.init.zeros_(net.out_conv.weight)
+    torch.nn.init.zeros_(net.out_conv.bias)
+    x = torch.rand(1, 3, 21, 19)
+    assert torch.equal(net(x), x)
+    net_no_res = ReblurUNet(base_ch=4, num_levels=3, residual=False)
+    net_no_res.load_state_dict(net.state_dict())
+    assert torch.equal(net_no_res(x), torch.zeros_like(x))
+
+
+def test_out_ch_differs_disables_residual():
+    net = ReblurUNet(in_ch=3, out_ch=1, base_ch=4, num_levels=2)
+    assert net(torch.rand(1, 3, 16, 16)).shape == (1, 1, 16, 16)
+
+
+def test_levels_and_gradients_reach_every_parameter():
+    net = build_network({'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 4})
+    assert len(net.downs) == 3 and len(net.decoders) == 3
+    # widths double per level: 4, 8, 16, 32
+    assert [d.out_channels for d in net.downs] == [8, 16, 32]
+    net(torch.rand(2, 3, 24, 24)).square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_bad_levels_raise():
+    with pytest.raises(ValueError, match='num_levels'):
+        ReblurUNet(num_levels=0)
+
+
+def test_learns_a_fixed_blur():
+    """Sharp -> blurry with one box kernel: the L1 error falls well below the identity's in 150 steps."""
+    torch.manual_seed(0)
+    net = ReblurUNet(base_ch=8, num_levels=3)
+    kernel = torch.full((3, 1, 5, 5), 1 / 25)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+
+    def batch():
+        sharp = F.interpolate(torch.rand(4, 3, 8, 8), size=32, mode='nearest')  # blocky, strong edges
+        return sharp, F.conv2d(F.pad(sharp, (2, 2, 2, 2), mode='replicate'), kernel, groups=3)
+
+    sharp, blurry = batch()
+    identity_err = (sharp - blurry).abs().mean().item()
+    for _ in range(150):
+        s, b = batch()
+        loss = (net(s) - b).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        err = (net(sharp) - blurry).abs().mean().item()
+    assert err < 0.5 * identity_err

@@ -1,0 +1,363 @@
+"""TPDiffModel stages 1 and 2: what trains, what is frozen, where gradients go, validation priors, resume."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+from basicsr.models import build_model
+from basicsr.utils.misc import check_resume
+from tpdiff_plugin.models.tpdiff_model import TPDiffModel
+from tpdiff_plugin.utils.errors import UserError
+
+TINY_G = {'type': 'TPDiffNet', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
+          'heads': [1, 1, 1, 1], 'ffn_expansion_factor': 2.0, 'prior_ch': 8, 'prior_scale': 4, 'prior_hidden': 4,
+          'dm_feats': 8, 'dm_blocks': 1, 'dm_cond_blocks': 1, 'dm_timesteps': 3}
+TINY_TPE = {'type': 'TexturePriorEncoder', 'prior_ch': 8, 'mem_slots': 16, 'prior_scale': 4, 'enc_ch': 4}
+
+
+def make_opt(root, stage=1, **train):
+    unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3}
+    disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'n_layers': 2}
+    opt = {
+        'name': f'tpdiff_s{stage}', 'model_type': 'TPDiffModel', 'stage': stage, 'num_gpu': 0, 'dist': False,
+        'rank': 0, 'world_size': 1, 'is_train': True, 'manual_seed': 0,
+        'network_g': dict(TINY_G), 'network_tpe': dict(TINY_TPE), 'network_rb': dict(unet),
+        'network_d_sharp': dict(disc), 'network_d_blur': dict(disc), 'network_d_wave': dict(disc, in_ch=9),
+        'path': {'models': os.path.join(root, f's{stage}', 'models'),
+                 'training_states': os.path.join(root, f's{stage}', 'training_states'), 'resume_state': None},
+        'train': {
+            'optim_g': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.5, 0.999]},
+            'optim_d': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.5, 0.999]},
+            'scheduler': {'type': 'MultiStepLR', 'milestones': [], 'gamma': 0.5},
+            'total_iter': 10, 'pool_size': 4,
+            'gan_opt': {'type': 'GANLoss', 'gan_type': 'lsgan', 'loss_weight': 1.0},
+            'cycle_opt': {'type': 'L1Loss', 'loss_weight': 0.1},
+            'wave_opt': {'type': 'WaveletGANLoss', 'gan_type': 'lsgan', 'loss_weight': 0.2},
+        },
+        'val': {'sample_seed': 0},
+    }
+    if stage == 2:
+        opt['train']['diff_opt'] = {'type': 'L1Loss', 'loss_weight': 1.0}
+    opt['train'].update(train)
+    os.makedirs(opt['path']['models'], exist_ok=True)
+    os.makedirs(opt['path']['training_states'], exist_ok=True)
+    return opt
+
+
+def batch(seed, n=2, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return {'lq': torch.rand(n, 3, size, size, generator=g), 'ref': torch.rand(n, 3, size, size, generator=g)}
+
+
+def build(opt, seed=0):
+    torch.manual_seed(seed)
+    return build_model(opt)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+
+
+@pytest.fixture(scope='module')
+def stage1_ckpt(tmp_path_factory):
+    """A stage-1 run of 2 iterations, saved: the stage-2 tests load its TPE, DN and RN."""
+    root = str(tmp_path_factory.mktemp('tpdiff'))
+    model = build(make_opt(root, stage=1))
+    for it in (1, 2):
+        model.feed_data(batch(it))
+        model.optimize_parameters(it)
+    model.save(0, 2)
+    models = os.path.join(root, 's1', 'models')
+    return root, {label: os.path.join(models, f'net_{label}_2.pth') for label in ('g', 'tpe', 'rb')}
+
+
+def stage2_opt(stage1_ckpt, **train):
+    root, paths = stage1_ckpt
+    opt = make_opt(root, stage=2, **train)
+    for label, path in paths.items():
+        opt['path'][f'pretrain_network_{label}'] = path
+    return opt
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+def test_stage1_trains_tpe_with_g_and_keeps_the_dm_frozen(tmp_path):
+    model = build(make_opt(str(tmp_path), stage=1))
+    assert isinstance(model, TPDiffModel)
+    assert set(model.generator_labels) == {'g', 'rb', 'tpe'}
+    dm = model.bare('g').dm
+    g_ids = {id(p) for group in model.optimizer_g.param_groups for p in group['params']}
+    assert {id(p) for p in model.net_tpe.parameters()} <= g_ids
+    assert not any(id(p) in g_ids for p in dm.parameters())
+    assert all(not p.requires_grad for p in dm.parameters())
+    tpe_before, dm_before = snapshot(model.net_tpe), snapshot(dm)
+    model.feed_data(batch(0))
+    model.optimize_parameters(1)
+    assert changed(tpe_before, model.net_tpe)  # the TPE learns from the image losses
+    assert not changed(dm_before, dm)
+    log = model.get_current_log()
+    assert 'l_diff' not in log and all(math.isfinite(v) for v in log.values())
+
+
+def test_stage1_dn_gets_the_tpe_prior_from_blur_and_unpaired_sharp(tmp_path):
+    model = build(make_opt(str(tmp_path), stage=1))
+    data = batch(3)
+    model.feed_data(data)
+    model._set_d_requires_grad(False)
+    l_total, _ = model.generator_losses()
+    l_total.backward()
+    tpe = model.net_tpe
+    # write path (sharp images) and read path (blurry images) both receive gradient through DN's prior
+    for name in ('memory', 'write_q.weight', 'write_v.weight', 'enc_sharp.body.0.weight', 'read_q.weight',
+                 'enc_blur.body.0.weight'):
+        grad = dict(tpe.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # the DN output is the TPDiffNet output with prior = TPE(blur, sharp)
+    with torch.no_grad():
+        z = tpe(data['lq'], data['ref'])
+        expected = model.net_g(data['lq'], prior=z)
+        out, _ = model.deblur_train(data['lq'], data['ref'])
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_stage1_validation_uses_memory_from_the_last_training_sharp_batch(tmp_path, monkeypatch):
+    model = build(make_opt(str(tmp_path), stage=1))
+    train = batch(4)
+    model.feed_data(train)
+    model.optimize_parameters(1)
+    assert 'TPE memory from training sharp batch' in model.prior_description()
+    tpe, g = model.bare('tpe'), model.bare('g')
+    written = []
+    real_write = tpe.write
+    monkeypatch.setattr(tpe, 'write', lambda sharp: written.append(sharp) or real_write(sharp))
+    val_gt = torch.rand(1, 3, 28, 36)
+    lq = torch.rand(1, 3, 28, 36)
+    model.feed_data({'lq': lq, 'gt': val_gt})
+    model.test()
+    assert len(written) == 1 and torch.equal(written[0], train['ref'])  # never the validation GT
+    assert torch.equal(model.last_sharp, train['ref'])
+    g.eval()
+    with torch.no_grad():
+        expected = g(lq, prior=tpe.read(lq, memory=real_write(train['ref'])))
+    g.train()
+    assert torch.allclose(model.output, expected, atol=1e-6)
+
+
+def test_stage1_validation_before_training_reads_the_raw_memory(tmp_path):
+    opt = make_opt(str(tmp_path), stage=1)
+    opt['is_train'] = False
+    model = build(opt)
+    assert model.net_labels == ['g', 'tpe']
+    lq = torch.rand(1, 3, 20, 24)
+    model.feed_data({'lq': lq})
+    model.test()
+    with torch.no_grad():
+        expected = model.bare('g')(lq, prior=model.bare('tpe').read(lq))
+    assert torch.allclose(model.output, expected, atol=1e-6)
+    assert 'without sharp enhancement' in model.prior_description()
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+def test_stage2_needs_the_stage1_checkpoints(stage1_ckpt, tmp_path):
+    opt = stage2_opt(stage1_ckpt)
+    del opt['path']['pretrain_network_tpe']
+    with pytest.raises(UserError, match='path.pretrain_network_tpe'):
+        build(opt)
+    opt = stage2_opt(stage1_ckpt)
+    missing = str(tmp_path / 'missing_net_g.pth')
+    opt['path']['pretrain_network_g'] = missing
+    with pytest.raises(UserError, match='path.pretrain_network_g') as err:
+        build(opt)
+    assert missing in str(err.value)
+    opt = stage2_opt(stage1_ckpt)
+    opt['stage'] = 3
+    with pytest.raises(UserError, match='"stage" must be 1 or 2'):
+        build(opt)
+
+
+def test_stage2_loads_stage1_nets_and_freezes_the_tpe_bit_identical(stage1_ckpt):
+    _, paths = stage1_ckpt
+    model = build(stage2_opt(stage1_ckpt), seed=42)
+    for label in ('g', 'tpe', 'rb'):
+        saved = torch.load(paths[label], weights_only=True)['params']
+        assert all(torch.equal(v, model.bare(label).state_dict()[k]) for k, v in saved.items()), label
+    tpe = model.net_tpe
+    assert not tpe.training and all(not p.requires_grad for p in tpe.parameters())
+    assert 'tpe' in model.frozen_labels and 'tpe' not in model.generator_labels
+    all_opt = {id(p) for o in model.optimizers for group in o.param_groups for p in group['params']}
+    assert not any(id(p) in all_opt for p in tpe.parameters())
+    dm = model.bare('g').dm
+    assert all(p.requires_grad for p in dm.parameters())
+    assert {id(p) for p in dm.parameters()} <= all_opt
+
+    tpe_before, dm_before = snapshot(tpe), snapshot(dm)
+    for it in (1, 2, 3):
+        model.feed_data(batch(10 + it))
+        model.optimize_parameters(it)
+    assert not changed(tpe_before, tpe)  # bit-identical
+    assert not tpe.training
+    assert len(changed(dm_before, dm)) == len(dm_before)  # every DM tensor moved
+    log = model.get_current_log()
+    assert math.isfinite(log['l_diff'])
+    assert log['l_g_total'] == pytest.approx(sum(v for k, v in log.items() if k.startswith(('l_g_', 'l_cyc', 'l_diff'))
+                                                 and k != 'l_g_total'), rel=1e-5)
+
+
+def _dm_grads(model, loss):
+    dm_params = list(model.bare('g').dm.parameters())
+    grads = torch.autograd.grad(loss, dm_params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, dm_params)]
+
+
+@pytest.mark.parametrize('joint', [True, False])
+def test_stage2_gradient_paths_of_joint_and_separate_training(stage1_ckpt, joint):
+    model = build(stage2_opt(stage1_ckpt, joint_train=joint))
+    model.feed_data(batch(20))
+    model._set_d_requires_grad(False)
+    l_total, losses = model.generator_losses()
+    image_loss = l_total - losses['l_diff']
+    from_images = _dm_grads(model, image_loss)
+    from_diff = _dm_grads(model, losses['l_diff'])
+    from_total = _dm_grads(model, l_total)
+    image_norm = sum(g.abs().sum() for g in from_images)
+    assert sum(g.abs().sum() for g in from_diff) > 0
+    if joint:
+        assert image_norm > 0  # the image losses train the DM through the prior it hands to DN
+    else:
+        assert image_norm == 0  # DN saw a detached prior: the DM learns from L_diff alone
+        for a, b in zip(from_total, from_diff):
+            assert torch.equal(a, b)
+    # DN itself is trained by the image losses in both cases
+    unet_grad = torch.autograd.grad(image_loss, model.bare('g').output.weight, retain_graph=True)[0]
+    assert unet_grad.abs().sum() > 0
+
+
+def test_stage2_diff_weight_reaches_the_total(stage1_ckpt):
+    totals = []
+    for weight in (1.0, 3.0):
+        model = build(stage2_opt(stage1_ckpt, diff_opt={'type': 'L1Loss', 'loss_weight': weight}))
+        model.feed_data(batch(21))
+        torch.manual_seed(5)  # the DM's noise
+        with torch.no_grad():
+            _, losses = model.generator_losses()
+        totals.append({k: v.item() for k, v in losses.items()})
+    assert totals[1]['l_diff'] == pytest.approx(3 * totals[0]['l_diff'], rel=1e-5)
+    assert totals[1]['l_g_total'] - totals[0]['l_g_total'] == pytest.approx(2 * totals[0]['l_diff'], rel=1e-4)
+
+
+def test_stage2_validation_samples_the_dm_from_noise(stage1_ckpt):
+    model = build(stage2_opt(stage1_ckpt))
+    model.feed_data(batch(1))
+    model.optimize_parameters(1)
+    assert model.prior_description() == 'DM sampling (T=3)'
+    lq = torch.rand(1, 3, 26, 30)
+    outputs = []
+    for _ in range(2):
+        model.feed_data({'lq': lq, 'gt': lq})
+        model.test()
+        outputs.append(model.output)
+    assert torch.equal(outputs[0], outputs[1])  # seeded by val.sample_seed: comparable validations
+    g = model.bare('g')
+    g.eval()
+    with torch.no_grad():
+        expected = g(lq, generator=torch.Generator().manual_seed(0))
+        other_seed = g(lq, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(outputs[0], expected, atol=1e-6)
+    assert not torch.allclose(outputs[0], other_seed, atol=1e-5)  # the prior really comes from the noise
+
+
+def test_stage2_test_mode_builds_only_net_g(stage1_ckpt):
+    opt = stage2_opt(stage1_ckpt)
+    opt['is_train'] = False
+    opt['path'] = {'pretrain_network_g': opt['path']['pretrain_network_g']}
+    model = build(opt)
+    assert model.net_labels == ['g']
+    model.feed_data({'lq': torch.rand(1, 3, 17, 23)})
+    model.test()
+    assert model.output.shape == (1, 3, 17, 23)
+
+
+def test_stage2_saves_every_network_and_resumes(stage1_ckpt):
+    opt = stage2_opt(stage1_ckpt)
+    model = build(opt)
+    for it in (1, 2):
+        model.feed_data(batch(30 + it))
+        model.optimize_parameters(it)
+    model.save(0, 2)
+    for label in ('g', 'tpe', 'rb', 'd_sharp', 'd_blur', 'd_wave'):
+        assert os.path.isfile(os.path.join(opt['path']['models'], f'net_{label}_2.pth')), label
+    state_path = os.path.join(opt['path']['training_states'], '2.state')
+    state = torch.load(state_path, weights_only=True)
+    resumed_opt = copy.deepcopy(opt)
+    resumed_opt['path']['resume_state'] = state_path
+    check_resume(resumed_opt, 2)
+    assert resumed_opt['path']['pretrain_network_tpe'].endswith(os.path.join('s2', 'models', 'net_tpe_2.pth'))
+    fresh = build(resumed_opt, seed=7)
+    fresh.resume_training(state)
+    for label in model.net_labels:
+        a, b = model.bare(label).state_dict(), fresh.bare(label).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), label
+    for o1, o2 in zip(model.optimizers, fresh.optimizers):
+        s1, s2 = o1.state_dict()['state'], o2.state_dict()['state']
+        assert s1.keys() == s2.keys()
+        assert all(torch.equal(s1[i]['exp_avg'], s2[i]['exp_avg']) for i in s1)
+    assert all(torch.equal(a, b) for a, b in zip(model.pools['sharp'].images, fresh.pools['sharp'].images))
+    assert 'tpe_sharp_batch' not in state  # only stage-1 validation needs it
+
+
+def test_stage1_resume_keeps_the_sharp_batch_for_validation(tmp_path):
+    opt = make_opt(str(tmp_path), stage=1)
+    model = build(opt)
+    data = batch(50)
+    model.feed_data(data)
+    model.optimize_parameters(1)
+    model.save(0, 1)
+    state = torch.load(os.path.join(opt['path']['training_states'], '1.state'), weights_only=True)
+    resumed_opt = copy.deepcopy(opt)
+    resumed_opt['path']['resume_state'] = 'set'
+    check_resume(resumed_opt, 1)
+    fresh = build(resumed_opt, seed=3)
+    assert fresh.last_sharp is None
+    fresh.resume_training(state)
+    assert torch.equal(fresh.last_sharp, data['ref'])
+    lq = torch.rand(1, 3, 24, 24)
+    for m in (model, fresh):
+        m.feed_data({'lq': lq})
+        m.test()
+    assert torch.equal(model.output, fresh.output)
+
+
+def test_stage2_without_tpe_trains_the_dm_through_the_image_losses(stage1_ckpt):
+    opt = stage2_opt(stage1_ckpt, use_tpe=False)
+    model = build(opt)
+    assert 'tpe' not in model.net_labels and model.cri_diff is None
+    model.feed_data(batch(40))
+    model._set_d_requires_grad(False)
+    l_total, losses = model.generator_losses()
+    assert 'l_diff' not in losses
+    assert sum(g.abs().sum() for g in _dm_grads(model, l_total)) > 0
+
+
+def test_stage2_without_dm_uses_the_tpe_learned_memory(stage1_ckpt):
+    opt = stage2_opt(stage1_ckpt)
+    opt['network_g']['use_dm'] = False
+    opt['path']['strict_load_g'] = False
+    model = build(opt)
+    assert model.bare('g').dm is None and model.cri_diff is None
+    model.feed_data(batch(41))
+    model.optimize_parameters(1)
+    assert 'l_diff' not in model.get_current_log()
+    lq = torch.rand(1, 3, 24, 24)
+    model.feed_data({'lq': lq})
+    model.test()
+    g = model.bare('g')
+    g.eval()
+    with torch.no_grad():
+        expected = g(lq, prior=model.bare('tpe').read(lq))
+    assert torch.allclose(model.output, expected, atol=1e-6)
+    assert 'w/o DM' in model.prior_description()

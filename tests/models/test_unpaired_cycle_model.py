@@ -1,0 +1,305 @@
+"""UnpairedCycleModel with ReblurUNet as both DN and RN: losses, weights, optimizers, pool, validation, resume."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+from basicsr.metrics import calculate_psnr
+from basicsr.models import build_model
+from basicsr.utils import tensor2img
+from basicsr.utils.misc import check_resume
+from tpdiff_plugin.models.unpaired_cycle_model import ImageHistoryPool, UnpairedCycleModel
+from tpdiff_plugin.utils.errors import UserError
+
+G_TERMS = ('l_g_gan_sharp', 'l_g_gan_blur', 'l_cyc_blur', 'l_cyc_sharp', 'l_g_wave')
+D_TERMS = ('l_d_sharp_real', 'l_d_sharp_fake', 'l_d_blur_real', 'l_d_blur_fake', 'l_d_wave_real', 'l_d_wave_fake')
+LABELS = ('g', 'rb', 'd_sharp', 'd_blur', 'd_wave')
+
+
+def make_opt(tmp_path=None, wave=True, pool_size=4, **train):
+    unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3}
+    disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'n_layers': 2, 'norm': 'spectral'}
+    root = str(tmp_path or '/nonexistent')
+    opt = {
+        'name': 'cycle_test', 'model_type': 'UnpairedCycleModel', 'num_gpu': 0, 'dist': False, 'rank': 0,
+        'world_size': 1, 'is_train': True, 'manual_seed': 0,
+        'network_g': dict(unet), 'network_rb': dict(unet), 'network_d_sharp': dict(disc),
+        'network_d_blur': dict(disc),
+        'path': {'models': os.path.join(root, 'models'), 'training_states': os.path.join(root, 'training_states'),
+                 'resume_state': None},
+        'train': {
+            'optim_g': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.5, 0.999]},
+            'optim_d': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.5, 0.999]},
+            'scheduler': {'type': 'MultiStepLR', 'milestones': [2], 'gamma': 0.5},
+            'total_iter': 10, 'pool_size': pool_size,
+            'gan_opt': {'type': 'GANLoss', 'gan_type': 'lsgan', 'loss_weight': 1.0},
+            'cycle_opt': {'type': 'L1Loss', 'loss_weight': 0.1},
+        },
+        'val': {'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0}}},
+    }
+    if wave:
+        opt['network_d_wave'] = dict(disc, in_ch=9)
+        opt['train']['wave_opt'] = {'type': 'WaveletGANLoss', 'gan_type': 'lsgan', 'loss_weight': 0.2}
+    opt['train'].update(train)
+    if tmp_path is not None:
+        os.makedirs(opt['path']['models'], exist_ok=True)
+        os.makedirs(opt['path']['training_states'], exist_ok=True)
+    return opt
+
+
+def batch(seed, n=2, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return {'lq': torch.rand(n, 3, size, size, generator=g), 'ref': torch.rand(n, 3, size, size, generator=g)}
+
+
+def build(opt, seed=0):
+    torch.manual_seed(seed)
+    return build_model(opt)
+
+
+def test_registered_and_one_iteration_logs_every_term():
+    model = build(make_opt())
+    assert isinstance(model, UnpairedCycleModel)
+    assert model.net_labels == list(LABELS)
+    model.feed_data(batch(0))
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    assert set(log) == set(G_TERMS) | set(D_TERMS) | {'l_g_total', 'l_d_total'}
+    assert all(math.isfinite(v) for v in log.values())
+    assert log['l_g_total'] == pytest.approx(sum(log[k] for k in G_TERMS), rel=1e-5)
+    assert log['l_d_total'] == pytest.approx(0.5 * sum(log[k] for k in D_TERMS), rel=1e-5)
+
+
+@pytest.mark.parametrize('option,terms,factor', [
+    ('cycle_opt', ('l_cyc_blur', 'l_cyc_sharp'), 3.0),
+    ('gan_opt', ('l_g_gan_sharp', 'l_g_gan_blur'), 2.5),
+    ('wave_opt', ('l_g_wave',), 4.0),
+])
+def test_each_loss_weight_reaches_the_logged_total(option, terms, factor):
+    """Multiplying one option's loss_weight by f moves l_g_total by (f - 1) times those terms, the rest fixed."""
+    opt = make_opt()
+    results = []
+    for weight_factor in (1.0, factor):
+        o = copy.deepcopy(opt)
+        o['train'][option]['loss_weight'] *= weight_factor
+        model = build(o, seed=3)
+        model.feed_data(batch(7))
+        with torch.no_grad():
+            _, losses = model.generator_losses()
+        results.append({k: v.item() for k, v in losses.items()})
+    base, scaled = results
+    for k in terms:
+        assert scaled[k] == pytest.approx(factor * base[k], rel=1e-5)
+    for k in set(G_TERMS) - set(terms):
+        assert scaled[k] == pytest.approx(base[k], rel=1e-6)
+    expected_shift = (factor - 1) * sum(base[k] for k in terms)
+    assert scaled['l_g_total'] - base['l_g_total'] == pytest.approx(expected_shift, rel=1e-4, abs=1e-7)
+
+
+def test_wave_weight_zero_turns_the_wavelet_branch_off():
+    opt = make_opt()
+    opt['train']['wave_opt']['loss_weight'] = 0
+    model = build(opt)
+    assert 'd_wave' not in model.net_labels and not hasattr(model, 'net_d_wave')
+    model.feed_data(batch(0))
+    model.optimize_parameters(1)
+    assert 'l_g_wave' not in model.get_current_log() and 'l_d_wave_real' not in model.get_current_log()
+
+
+def test_wave_options_must_come_together():
+    opt = make_opt()
+    del opt['network_d_wave']
+    with pytest.raises(UserError, match='network_d_wave is missing'):
+        build(opt)
+    opt = make_opt()
+    del opt['train']['wave_opt']
+    with pytest.raises(UserError, match='train.wave_opt is missing'):
+        build(opt)
+
+
+def test_optimizers_hold_exactly_their_networks():
+    model = build(make_opt())
+    g_ids = {id(p) for g in model.optimizer_g.param_groups for p in g['params']}
+    d_ids = {id(p) for g in model.optimizer_d.param_groups for p in g['params']}
+    expect_g = {id(p) for label in ('g', 'rb') for p in model.net(label).parameters()}
+    expect_d = {id(p) for label in ('d_sharp', 'd_blur', 'd_wave') for p in model.net(label).parameters()}
+    assert g_ids == expect_g and d_ids == expect_d
+    assert len(model.schedulers) == 2
+
+
+def test_generator_step_gives_no_gradient_to_discriminators_and_d_step_none_to_generators():
+    model = build(make_opt())
+    model.feed_data(batch(1))
+    model._set_d_requires_grad(False)
+    l_g, _ = model.generator_losses()
+    l_g.backward()
+    for label in ('d_sharp', 'd_blur', 'd_wave'):
+        assert all(p.grad is None for p in model.net(label).parameters()), label
+    for label in ('g', 'rb'):
+        assert all(p.grad is not None for p in model.net(label).parameters()), label
+    model.optimizer_g.zero_grad(set_to_none=True)
+    model._set_d_requires_grad(True)
+    l_d, _ = model.discriminator_losses()
+    l_d.backward()
+    for label in ('g', 'rb'):
+        assert all(p.grad is None for p in model.net(label).parameters()), label
+    for label in ('d_sharp', 'd_blur', 'd_wave'):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net(label).parameters()), label
+
+
+def test_each_update_changes_only_its_networks():
+    model = build(make_opt())
+    model.feed_data(batch(2))
+    before = {label: [p.detach().clone() for p in model.net(label).parameters()] for label in LABELS}
+    model.optimize_parameters(1)
+    for label in LABELS:
+        changed = any(not torch.equal(a, b) for a, b in zip(before[label], model.net(label).parameters()))
+        assert changed, label
+
+
+def test_history_pool():
+    torch.manual_seed(0)
+    off = ImageHistoryPool(0)
+    x = torch.rand(3, 3, 4, 4)
+    assert off.query(x) is not None and torch.equal(off.query(x), x) and off.images == []
+    pool = ImageHistoryPool(4)
+    first = torch.rand(4, 3, 4, 4)
+    assert torch.equal(pool.query(first), first)  # filling: the new images come back
+    assert len(pool.images) == 4
+    seen_old = seen_new = 0
+    for round_ in range(1, 21):
+        offset = 10.0 * round_
+        new = torch.rand(4, 3, 4, 4) + offset  # larger than anything stored before
+        stored_before = torch.stack(pool.images).clone()
+        out = pool.query(new)
+        for img in out:
+            if (img >= offset).all():
+                seen_new += 1
+            else:
+                seen_old += 1
+                assert any(torch.equal(img, s) for s in stored_before)
+        assert len(pool.images) == 4
+    assert seen_old > 10 and seen_new > 10  # about half each (80 draws)
+    state = pool.state_dict()
+    other = ImageHistoryPool(4)
+    other.load_state_dict(state, torch.device('cpu'))
+    assert all(torch.equal(a, b) for a, b in zip(other.images, pool.images))
+    pool.query(torch.rand(2, 3, 8, 8))  # another patch size: the pool restarts rather than mixing sizes
+    assert len(pool.images) == 2 and pool.images[0].shape == (3, 8, 8)
+
+
+class _PairedSet(torch.utils.data.Dataset):
+    def __init__(self, n=2):
+        g = torch.Generator().manual_seed(5)
+        self.items = [(torch.rand(3, 24, 20, generator=g), torch.rand(3, 24, 20, generator=g)) for _ in range(n)]
+        self.opt = {'name': 'tiny_val'}
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        lq, gt = self.items[i]
+        return {'lq': lq, 'gt': gt, 'lq_path': f'img{i}.png', 'gt_path': f'img{i}.png'}
+
+
+def test_validation_computes_basicsr_metrics_on_the_dn_output():
+    model = build(make_opt())
+    for label in ('g',):  # DN = identity: output equals the input, so PSNR is the input's
+        torch.nn.init.zeros_(model.net(label).out_conv.weight)
+        torch.nn.init.zeros_(model.net(label).out_conv.bias)
+    dataset = _PairedSet()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1)
+    model.validation(loader, current_iter=1, tb_logger=None, save_img=False)
+    expected = sum(calculate_psnr(tensor2img([lq]), tensor2img([gt]), crop_border=0) for lq, gt in dataset.items) / 2
+    assert model.metric_results['psnr'] == pytest.approx(expected, rel=1e-6)
+    assert model.net_g.training  # back to training mode after validation
+
+
+def test_missing_networks_and_checkpoints_are_user_errors(tmp_path):
+    opt = make_opt()
+    del opt['network_rb']
+    with pytest.raises(UserError, match='network_rb'):
+        build(opt)
+    opt = make_opt()
+    missing = str(tmp_path / 'nope.pth')
+    opt['path']['pretrain_network_rb'] = missing
+    with pytest.raises(UserError, match='path.pretrain_network_rb') as err:
+        build(opt)
+    assert missing in str(err.value)
+    opt = make_opt()
+    del opt['train']['gan_opt']
+    with pytest.raises(UserError, match='train.gan_opt'):
+        build(opt)
+    opt = make_opt()
+    opt['train']['optim_d']['type'] = 'NoSuchOptim'
+    with pytest.raises(UserError, match='NoSuchOptim'):
+        build(opt)
+
+
+def _states_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_save_and_resume_round_trip(tmp_path):
+    """Save at iter k, rebuild from the .state the way basicsr's train pipeline does, compare everything."""
+    opt = make_opt(tmp_path, pool_size=3)
+    model = build(opt, seed=1)
+    k = 3
+    for it in range(1, k + 1):
+        model.update_learning_rate(it)
+        model.feed_data(batch(it))
+        model.optimize_parameters(it)
+    model.save(epoch=0, current_iter=k)
+    for label in LABELS:
+        assert os.path.isfile(os.path.join(opt['path']['models'], f'net_{label}_{k}.pth'))
+    state_path = os.path.join(opt['path']['training_states'], f'{k}.state')
+    resume_state = torch.load(state_path, map_location='cpu', weights_only=True)
+    assert resume_state['iter'] == k and len(resume_state['image_pools']['sharp']) == 3
+
+    resumed_opt = copy.deepcopy(opt)
+    resumed_opt['path']['resume_state'] = state_path
+    check_resume(resumed_opt, resume_state['iter'])  # sets path.pretrain_network_<x> for every network_<x>
+    fresh = build(resumed_opt, seed=99)  # different init: everything must come from the files
+    fresh.resume_training(resume_state)
+
+    for label in LABELS:
+        assert _states_equal(model.bare(label).state_dict(), fresh.bare(label).state_dict()), label
+    for o1, o2 in zip(model.optimizers, fresh.optimizers):
+        assert _states_equal(o1.state_dict(), o2.state_dict())
+    for s1, s2 in zip(model.schedulers, fresh.schedulers):
+        assert s1.state_dict() == s2.state_dict()
+    for name in ('sharp', 'blur'):
+        assert _states_equal(model.pools[name].images, fresh.pools[name].images)
+
+    # and training continues identically
+    for m in (model, fresh):
+        torch.manual_seed(123)
+        m.update_learning_rate(k + 1)
+        m.feed_data(batch(k + 1))
+        m.optimize_parameters(k + 1)
+    assert model.get_current_log() == fresh.get_current_log()
+    assert model.get_current_learning_rate() == fresh.get_current_learning_rate() == [5e-4]
+    for label in LABELS:
+        assert _states_equal(model.bare(label).state_dict(), fresh.bare(label).state_dict()), label
+
+
+def test_ema_copy_is_saved_and_used_for_validation(tmp_path):
+    opt = make_opt(tmp_path, ema_decay=0.5)
+    model = build(opt)
+    model.feed_data(batch(0))
+    model.optimize_parameters(1)
+    g = dict(model.net_g.named_parameters())
+    for name, p in model.net_g_ema.named_parameters():
+        assert not torch.equal(p, g[name])  # half-way between the old and the new weights
+    model.save(0, 1)
+    saved = torch.load(os.path.join(opt['path']['models'], 'net_g_1.pth'), weights_only=True)
+    assert set(saved) == {'params', 'params_ema'}
+    assert _states_equal(saved['params_ema'], model.net_g_ema.state_dict())

@@ -1,0 +1,210 @@
+"""Every YAML under options/: parses, builds its networks, agrees with its siblings, and ablations are minimal."""
+import glob
+import inspect
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.utils.options import ordered_yaml
+from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
+
+OPTIONS = Path(__file__).resolve().parents[1] / 'options'
+ALL_YAML = sorted(glob.glob(str(OPTIONS / '**' / '*.yml'), recursive=True))
+ABLATIONS = {  # part -> the dotted keys that may differ from tpdiff_stage2.yml besides the name
+    'dm': {'network_g.use_dm': False, 'path.strict_load_g': False},
+    'tpe': {'train.use_tpe': False},
+    'ttformer': {'network_g.fm_msa': False, 'path.strict_load_g': False},
+    'multiscale': {'network_g.multi_scale_prior': False, 'path.strict_load_g': False},
+    'joint_train': {'train.joint_train': False},
+    'waveloss': {'train.wave_opt.loss_weight': 0},
+}
+OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train.gan_opt', 'train.cycle_opt',
+        'train.wave_opt', 'train.diff_opt', 'val.sample_seed', 'network_g', 'network_tpe', 'network_rb',
+        'network_d_sharp', 'network_d_blur', 'network_d_wave', 'pretrain_network_tpe', 'pretrain_network_rb',
+        'wavelet', 'mode', 'optim_d', 'ema_decay')
+
+
+def load(path):
+    with open(path, encoding='utf-8') as f:
+        return yaml.load(f, Loader=ordered_yaml()[0])
+
+
+def name(path):
+    return os.path.relpath(path, OPTIONS)
+
+
+def flatten(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+        key = f'{prefix}{k}'
+        if isinstance(v, dict):
+            out.update(flatten(v, key + '.'))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _is_basicsr_options(path):
+    """BasicSR train/test files have a model_type; other tools' YAML (e.g. `tpdiff compare`) do not."""
+    with open(path, encoding='utf-8') as f:
+        return 'model_type' in (yaml.safe_load(f) or {})
+
+
+BASICSR_FILES = [p for p in ALL_YAML if _is_basicsr_options(p)]
+
+
+def test_every_yaml_parses_and_the_expected_files_exist():
+    for path in ALL_YAML:
+        assert isinstance(load(path), dict), name(path)
+    expected = ['tpdiff_stage1.yml', 'tpdiff_stage2.yml', 'test_tpdiff_gopro.yml', 'test_tpdiff_hide.yml',
+                'test_tpdiff_realblur_j.yml', 'test_tpdiff_realblur_r.yml', 'demo_stage1.yml', 'demo_stage2.yml',
+                'test_tpdiff_demo.yml'] + [f'ablations/tpdiff_stage2_wo_{p}.yml' for p in ABLATIONS]
+    assert set(expected) <= {name(p) for p in BASICSR_FILES}
+    assert (OPTIONS / 'README.md').is_file()
+
+
+@pytest.mark.parametrize('path', BASICSR_FILES, ids=name)
+def test_parses_and_builds(path):
+    opt = load(path)
+    assert yaml.safe_load(open(path, encoding='utf-8')) == flatten_back(opt)
+    for key in ('name', 'model_type', 'num_gpu', 'datasets', 'path', 'scale'):
+        assert key in opt, key
+    MODEL_REGISTRY.get(opt['model_type'])
+    if opt['model_type'] == 'TPDiffModel':
+        assert opt['stage'] in (1, 2)
+    for key, block in opt.items():
+        if key.startswith('network_'):
+            net = build_network(dict(block))
+            assert sum(p.numel() for p in net.parameters()) > 0
+    for key, block in (opt.get('train') or {}).items():
+        if key.endswith('_opt'):
+            build_loss(dict(block))
+    is_test = 'train' not in opt
+    for phase, dataset in opt['datasets'].items():
+        if phase == 'train':
+            assert dataset['type'] == 'UnpairedImageDataset'
+            assert {'dataroot_blur', 'dataroot_sharp', 'gt_size', 'batch_size_per_gpu'} <= set(dataset)
+        else:
+            assert dataset['type'] == 'PairedImageDataset'
+            assert dataset['dataroot_gt'].endswith('sharp.lmdb') and dataset['dataroot_lq'].endswith('blur.lmdb')
+    if is_test:
+        assert opt['val']['save_img'] is True and 'suffix' in opt['val']
+        assert opt['path']['pretrain_network_g'].startswith('experiments/')
+
+
+def flatten_back(opt):
+    """OrderedDicts -> dicts, for comparing with yaml.safe_load."""
+    if isinstance(opt, dict):
+        return {k: flatten_back(v) for k, v in opt.items()}
+    if isinstance(opt, list):
+        return [flatten_back(v) for v in opt]
+    return opt
+
+
+def _class_defaults(cls):
+    return {k: (list(p.default) if isinstance(p.default, tuple) else p.default)
+            for k, p in inspect.signature(cls.__init__).parameters.items() if k != 'self'}
+
+
+def test_paper_config_spells_out_the_class_defaults_and_sizes():
+    s1 = load(OPTIONS / 'tpdiff_stage1.yml')
+    for key, cls_name in (('network_g', 'TPDiffNet'), ('network_tpe', 'TexturePriorEncoder')):
+        block = dict(s1[key])
+        assert block.pop('type') == cls_name
+        assert block == _class_defaults(ARCH_REGISTRY.get(cls_name)), key
+    n_params = sum(p.numel() for key in ('network_g', 'network_tpe')
+                   for p in build_network(dict(s1[key])).parameters())
+    assert abs(n_params - 11.89e6) <= 0.03 * 11.89e6
+
+
+def test_paper_schedule():
+    for stage in (1, 2):
+        opt = load(OPTIONS / f'tpdiff_stage{stage}.yml')
+        assert opt['name'] == f'TPDiff_Stage{stage}_GoPro' and opt['stage'] == stage and opt['num_gpu'] == 'auto'
+        train, data = opt['train'], opt['datasets']['train']
+        assert data['batch_size_per_gpu'] == 8 and data['gt_size'] == 256
+        assert data['dataroot_blur'].startswith('datasets_lmdb/gopro/')
+        for key in ('optim_g', 'optim_d'):
+            assert train[key]['type'] == 'Adam' and train[key]['lr'] == pytest.approx(1e-4)
+        # 200 epochs of the blurry half of GoPro's 2103 training frames at batch 8
+        assert train['total_iter'] == 200 * math.ceil(math.ceil(2103 / 2) / 8)
+        assert (train['gan_opt']['loss_weight'], train['cycle_opt']['loss_weight'],
+                train['wave_opt']['loss_weight']) == (1.0, 0.1, 0.2)
+        assert train['wave_opt']['type'] == 'WaveletGANLoss' and train['wave_opt']['wavelet'] == 'haar'
+        assert opt['network_g']['dm_timesteps'] == 8
+    s2 = load(OPTIONS / 'tpdiff_stage2.yml')
+    assert s2['train']['diff_opt'] == {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}
+    assert s2['train']['joint_train'] is True and s2['train']['use_tpe'] is True
+    for label in ('g', 'tpe', 'rb'):
+        expected = f'experiments/TPDiff_Stage1_GoPro/models/net_{label}_latest.pth'
+        assert s2['path'][f'pretrain_network_{label}'] == expected
+
+
+@pytest.mark.parametrize('first,second', [
+    ('tpdiff_stage1.yml', 'tpdiff_stage2.yml'), ('demo_stage1.yml', 'demo_stage2.yml')])
+def test_stage2_networks_match_stage1(first, second):
+    a, b = load(OPTIONS / first), load(OPTIONS / second)
+    nets = [k for k in a if k.startswith('network_')]
+    assert nets == [k for k in b if k.startswith('network_')]
+    for key in nets:
+        assert a[key] == b[key], key
+    stage1_name = a['name']
+    for label in ('g', 'tpe', 'rb'):
+        assert b['path'][f'pretrain_network_{label}'] == f'experiments/{stage1_name}/models/net_{label}_latest.pth'
+
+
+@pytest.mark.parametrize('test_file', ['test_tpdiff_gopro.yml', 'test_tpdiff_hide.yml', 'test_tpdiff_realblur_j.yml',
+                                       'test_tpdiff_realblur_r.yml', 'test_tpdiff_demo.yml'])
+def test_test_options_load_what_stage2_trains(test_file):
+    test = load(OPTIONS / test_file)
+    train = load(OPTIONS / ('demo_stage2.yml' if 'demo' in test_file else 'tpdiff_stage2.yml'))
+    assert test['network_g'] == train['network_g']
+    assert test['stage'] == 2 and test['model_type'] == 'TPDiffModel'
+    assert test['path']['pretrain_network_g'] == f'experiments/{train["name"]}/models/net_g_latest.pth'
+
+
+@pytest.mark.parametrize('part', sorted(ABLATIONS))
+def test_ablation_differs_from_stage2_only_in_its_switch(part):
+    base = flatten(load(OPTIONS / 'tpdiff_stage2.yml'))
+    abl = flatten(load(OPTIONS / 'ablations' / f'tpdiff_stage2_wo_{part}.yml'))
+    assert abl.keys() == base.keys()
+    diff = {k: abl[k] for k in base if abl[k] != base[k]}
+    assert diff.pop('name') == f'TPDiff_Stage2_GoPro_wo_{part}'
+    assert diff == ABLATIONS[part]
+
+
+def test_demo_options_are_tiny_and_cpu():
+    for f in ('demo_stage1.yml', 'demo_stage2.yml', 'test_tpdiff_demo.yml'):
+        opt = load(OPTIONS / f)
+        assert opt['num_gpu'] == 0
+        for phase, dataset in opt['datasets'].items():
+            for key in ('dataroot_blur', 'dataroot_sharp', 'dataroot_gt', 'dataroot_lq'):
+                if key in dataset:
+                    assert dataset[key].startswith('datasets_lmdb/demo/'), (f, key)
+    names = [load(OPTIONS / f)['name'] for f in ('demo_stage1.yml', 'demo_stage2.yml')]
+    assert names == ['TPDiff_Demo_Stage1', 'TPDiff_Demo_Stage2']
+    s1 = load(OPTIONS / 'demo_stage1.yml')
+    assert s1['datasets']['train']['gt_size'] == 64
+    n_params = sum(p.numel() for p in build_network(dict(s1['network_g'])).parameters())
+    assert n_params < 1e6  # (the paper net: 11.76M)
+    # the demo networks run on a 64 px patch (the wavelet discriminator sees 32 px bands)
+    with torch.no_grad():
+        x = torch.rand(1, 3, 64, 64)
+        tpe = build_network(dict(s1['network_tpe']))
+        out = build_network(dict(s1['network_g']))(x, prior=tpe(x, x))
+        assert out.shape == x.shape
+        assert build_network(dict(s1['network_d_wave']))(torch.rand(1, 9, 32, 32)).numel() > 0
+
+
+def test_readme_explains_our_keys():
+    text = (OPTIONS / 'README.md').read_text(encoding='utf-8')
+    for key in OURS:
+        assert f'`{key.split(".")[-1]}' in text, key
+    for part in ABLATIONS:
+        assert f'tpdiff_stage2_wo_{part}.yml' in text

@@ -1,0 +1,104 @@
+"""demo_report: metrics table against independent formulas, the grid layout, LMDB input, and errors."""
+import math
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from tpdiff_plugin.tools import demo_report
+
+
+def _psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(255.0 ** 2 / mse)
+
+
+@pytest.fixture
+def demo_dirs(tmp_path):
+    """Blurry / sharp folders and a basicsr-test-like results folder for 3 images of 40x48."""
+    rng = np.random.default_rng(0)
+    blur_dir, sharp_dir = tmp_path / 'blur', tmp_path / 'sharp'
+    vis = tmp_path / 'results' / 'TPDiff_Demo_Test' / 'visualization' / 'DemoVal'
+    for d in (blur_dir, sharp_dir, vis):
+        d.mkdir(parents=True)
+    images = {}
+    for i, key in enumerate(['cat', 'cat_2', 'mug-y0010x0020']):  # 'cat_*' also matches 'cat_2_*'
+        sharp = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        blur = cv2.GaussianBlur(sharp, (7, 7), 2.0)
+        out = np.clip(sharp.astype(np.int16) + rng.integers(-3, 4, sharp.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(blur_dir / f'{key}.png'), blur)
+        cv2.imwrite(str(sharp_dir / f'{key}.png'), sharp)
+        cv2.imwrite(str(vis / f'{key}_TPDiff_Demo_Test.png'), out)
+        images[key] = (blur, out, sharp)
+    return tmp_path, images
+
+
+def test_table_and_grid(demo_dirs, capsys):
+    root, images = demo_dirs
+    results = root / 'results' / 'TPDiff_Demo_Test'
+    code = demo_report.main(['--results', str(results), '--blur', str(root / 'blur'), '--sharp', str(root / 'sharp')])
+    assert code == 0
+    printed = capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line and line[0].isalnum()}
+    for key, (blur, out, sharp) in images.items():
+        in_psnr, in_ssim, out_psnr, out_ssim = map(float, lines[key])
+        assert in_psnr == pytest.approx(_psnr(blur, sharp), abs=0.01)
+        assert out_psnr == pytest.approx(_psnr(out, sharp), abs=0.01)
+        assert 0 < in_ssim < out_ssim <= 1  # the near-copy beats the blurred image
+    mean_in = np.mean([_psnr(b, s) for b, _, s in images.values()])
+    assert float(lines['mean'][0]) == pytest.approx(mean_in, abs=0.01)
+
+    grid_path = root / 'results' / 'TPDiff_Demo_Test_grid.png'
+    assert f'grid (blurry | deblurred | sharp): {grid_path}' in printed
+    grid = cv2.imread(str(grid_path), cv2.IMREAD_COLOR)
+    gap, header, h, w = 4, 22, 40, 48
+    assert grid.shape == (header + 3 * (h + gap), 3 * w + 2 * gap, 3)
+    for row, key in enumerate(sorted(images)):
+        y = header + row * (h + gap)
+        for col, img in enumerate(images[key]):
+            x = col * (w + gap)
+            assert np.array_equal(grid[y:y + h, x:x + w], img), (key, col)
+
+
+def test_reads_basicsr_lmdb(demo_dirs, tmp_path):
+    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+    root, images = demo_dirs
+    keys = sorted(images)
+    for name in ('blur', 'sharp'):
+        make_lmdb_from_imgs(str(root / name), str(tmp_path / f'{name}.lmdb'), [f'{k}.png' for k in keys], keys)
+    read = demo_report.read_images(str(tmp_path / 'blur.lmdb'))
+    assert sorted(read) == keys
+    for key in keys:
+        assert np.array_equal(read[key], images[key][0])
+
+
+def test_missing_results_are_reported_not_raised(demo_dirs, tmp_path):
+    root, _ = demo_dirs
+    empty = tmp_path / 'empty_results'
+    (empty / 'visualization' / 'X').mkdir(parents=True)
+    proc = subprocess.run([sys.executable, '-m', 'tpdiff_plugin.tools.demo_report', '--results', str(empty),
+                           '--blur', str(root / 'blur'), '--sharp', str(root / 'sharp')],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith('error: ') and 'no result images' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    code = demo_report.main(['--results', str(tmp_path / 'nope'), '--blur', str(root / 'blur'),
+                             '--sharp', str(root / 'sharp')])
+    assert code == 2
+    code = demo_report.main(['--results', str(empty), '--blur', str(tmp_path / 'no_lmdb'),
+                             '--sharp', str(root / 'sharp')])
+    assert code == 2
+
+
+def test_size_mismatch_is_an_error(demo_dirs, capsys):
+    root, images = demo_dirs
+    key = sorted(images)[0]
+    vis = root / 'results' / 'TPDiff_Demo_Test' / 'visualization' / 'DemoVal'
+    cv2.imwrite(str(vis / f'{key}_TPDiff_Demo_Test.png'), np.zeros((10, 10, 3), np.uint8))
+    code = demo_report.main(['--results', str(root / 'results' / 'TPDiff_Demo_Test'), '--blur', str(root / 'blur'),
+                             '--sharp', str(root / 'sharp')])
+    assert code == 2 and 'sizes differ' in capsys.readouterr().err
+    assert os.path.isdir(vis)

@@ -1,0 +1,395 @@
+"""UnpairedCycleModel: the unpaired blurry <-> sharp cycle that TP-Diff trains (and our CycleGAN baseline).
+
+Networks (options ``network_<label>``; checkpoints ``net_<label>_<iter>.pth``):
+  g        DN, the deblurring network b -> s (any registered net; TPDiffNet for TP-Diff)
+  rb       RN, the reblurring network s -> b (ReblurUNet)
+  d_sharp  D_S on sharp images; d_blur: D_B on blurry images
+  d_wave   D_W on wavelet detail bands of sharp images (optional, with ``train.wave_opt``)
+
+One iteration (batch: ``lq`` = blurry b, ``ref`` = an unpaired sharp s):
+  G step (``optim_g``: DN + RN, D frozen)
+    b~ = RN(s);  [s^, s~~] = DN([b, b~]);  b^^ = RN(s^)
+    l_g_gan_sharp = GAN(D_S(s^), real)      l_g_gan_blur = GAN(D_B(b~), real)
+    l_cyc_blur = L1(b^^, b)                 l_cyc_sharp = L1(s~~, s)
+    l_g_wave = WaveGAN(D_W(Phi(s^)), real)  (+ subclass terms, e.g. l_diff)
+    l_g_total = sum of the above; every term already carries its ``loss_weight`` (basicsr convention),
+    so the paper's 1 GAN + 0.1 CYC + 0.2 Wave are the ``loss_weight`` of gan_opt / cycle_opt / wave_opt.
+  D step (``optim_d``: every D)
+    fakes pass through the history pools (``train.pool_size``, CycleGAN's 50; 0 = off), then
+    l_d_<d>_real / l_d_<d>_fake = GAN(D(real), real) / GAN(D(fake), fake); l_d_total = half their sum.
+
+Validation/test: ``net_g(lq)`` (the EMA copy when ``train.ema_decay`` > 0) with basicsr metrics, through
+``SRModel.nondist_validation``. ``save`` writes every network, the optimizers, schedulers and the pools.
+"""
+import copy
+import os
+from collections import OrderedDict
+
+import torch
+
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.models.base_model import BaseModel
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from tpdiff_plugin.utils.errors import UserError
+
+
+class ImageHistoryPool:
+    """CycleGAN's history of generated images, so a discriminator also sees older fakes.
+
+    ``query(images [B, C, H, W]) -> [B, C, H, W]``: until ``size`` images are stored each new image is
+    stored and returned; after that each returned image is, with probability 1/2, a stored one (replaced
+    by the new image) and otherwise the new one. ``size == 0`` returns the input. Images are detached.
+    Uses torch's global RNG, so runs are reproducible under basicsr's ``manual_seed``.
+    """
+
+    def __init__(self, size):
+        self.size = int(size)
+        self.images = []
+
+    def query(self, images):
+        images = images.detach()
+        if self.size <= 0:
+            return images
+        if self.images and self.images[0].shape != images.shape[1:]:
+            self.images = []  # the patch size changed (e.g. resumed with another gt_size): start afresh
+        out = []
+        for img in images:
+            if len(self.images) < self.size:
+                self.images.append(img.clone())
+                out.append(img)
+            elif torch.rand(()).item() < 0.5:
+                k = int(torch.randint(len(self.images), ()).item())
+                out.append(self.images[k])
+                self.images[k] = img.clone()
+            else:
+                out.append(img)
+        return torch.stack(out)
+
+    def state_dict(self):
+        """The stored images as one CPU tensor ``[n, C, H, W]`` (``[0]`` when empty)."""
+        return torch.stack(self.images).cpu() if self.images else torch.zeros(0)
+
+    def load_state_dict(self, images, device):
+        self.images = [] if images.numel() == 0 else list(images.to(device).unbind(0))[:self.size]
+
+
+@MODEL_REGISTRY.register()
+class UnpairedCycleModel(SRModel):
+    """Generic unpaired cycle model: DN, RN, D_S, D_B (+ optional D_W). See the module docstring.
+
+    SRModel is the base for its validation contract (``nondist_validation``, ``get_current_visuals``,
+    metric bookkeeping); its ``__init__`` (one net_g, a pixel loss) is replaced by ours.
+    """
+
+    #: labels of the discriminators this model may hold, in optimizer order
+    D_LABELS = ('d_sharp', 'd_blur', 'd_wave')
+
+    def __init__(self, opt):
+        BaseModel.__init__(self, copy.deepcopy(opt))
+        self.net_labels = []  # every network held, in save order
+        self.frozen_labels = set()  # held but never trained (kept in eval mode, in no optimizer)
+        train_opt = self.opt.get('train') or {}
+        self.use_wave = self.is_train and self._wave_enabled(train_opt)
+        self.define_networks()
+        if self.is_train:
+            self.init_training_settings()
+
+    # ------------------------------------------------------------------ networks
+    def _wave_enabled(self, train_opt):
+        wave_opt, has_d = train_opt.get('wave_opt'), 'network_d_wave' in self.opt
+        if wave_opt and not has_d:
+            raise UserError('train.wave_opt is set but network_d_wave is missing: add a PatchDiscriminator '
+                            'with in_ch: 9 as network_d_wave, or remove train.wave_opt')
+        if has_d and not wave_opt:
+            raise UserError('network_d_wave is set but train.wave_opt is missing: add '
+                            '{type: WaveletGANLoss, loss_weight: 0.2} or remove network_d_wave')
+        if not wave_opt:
+            return False
+        if float(wave_opt.get('loss_weight', 1.0)) == 0:
+            get_root_logger().info('train.wave_opt.loss_weight is 0: wavelet adversarial loss and D_W are off.')
+            return False
+        return True
+
+    def define_networks(self):
+        """Build (and load) DN for inference; RN and the discriminators too when training."""
+        self.add_network('g')
+        if self.is_train:
+            self.add_network('rb')
+            self.add_network('d_sharp')
+            self.add_network('d_blur')
+            if self.use_wave:
+                self.add_network('d_wave')
+
+    def add_network(self, label, prepare=None, frozen=False):
+        """Build ``network_<label>``, run ``prepare(net)``, load ``path.pretrain_network_<label>``, put it on
+        the device (DDP/DP-wrapped unless ``frozen``) and keep it as ``self.net_<label>``."""
+        key = f'network_{label}'
+        if not isinstance(self.opt.get(key), dict) or 'type' not in self.opt[key]:
+            raise UserError(f'option "{key}" is missing or has no "type": {type(self).__name__} needs it')
+        net = build_network(self.opt[key])
+        if prepare is not None:
+            prepare(net)
+        self.load_pretrained(net, label)
+        if frozen:
+            net.requires_grad_(False)
+            net.eval()
+            net = net.to(self.device)  # no DDP: a module without trainable parameters cannot be wrapped
+            self.frozen_labels.add(label)
+        else:
+            net = self.model_to_device(net)
+        self.print_network(net)
+        setattr(self, f'net_{label}', net)
+        self.net_labels.append(label)
+        return net
+
+    def load_pretrained(self, net, label):
+        """Load ``path.pretrain_network_<label>`` into ``net`` if set; a missing file is a UserError."""
+        path_opt = self.opt.get('path') or {}
+        key = f'pretrain_network_{label}'
+        load_path = path_opt.get(key)
+        if load_path is None:
+            return False
+        if not os.path.isfile(load_path):
+            raise UserError(f'path.{key}: no such checkpoint: {load_path}')
+        self.load_network(net, load_path, path_opt.get(f'strict_load_{label}', True),
+                          path_opt.get(f'param_key_{label}', 'params'))
+        return True
+
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """Upstream ``BaseModel.load_network`` with ``weights_only=True`` and one-line errors."""
+        logger = get_root_logger()
+        net = self.get_bare_model(net)
+        try:
+            ckpt = torch.load(load_path, map_location='cpu', weights_only=True)
+        except Exception as e:  # noqa: BLE001  (corrupt / foreign file: say which)
+            raise UserError(f'{load_path}: cannot read checkpoint ({type(e).__name__}: {e})') from None
+        if param_key is not None:
+            if param_key not in ckpt and 'params' in ckpt:
+                logger.info(f'Loading: {param_key} does not exist in {load_path}, use params.')
+                param_key = 'params'
+            if param_key not in ckpt:
+                raise UserError(f'{load_path}: no "{param_key}" entry (has: {", ".join(map(str, ckpt))})')
+            ckpt = ckpt[param_key]
+        ckpt = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in ckpt.items())
+        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
+        self._print_different_keys_loading(net, ckpt, strict)
+        try:
+            net.load_state_dict(ckpt, strict=strict)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise UserError(f'{load_path}: does not fit {net.__class__.__name__} as configured '
+                            f'({" ".join(first[:2])}); check the network options, or set strict_load_* false') \
+                from None
+
+    @property
+    def generator_labels(self):
+        """Networks updated by ``optim_g``."""
+        return [label for label in self.net_labels if label not in self.D_LABELS and label not in self.frozen_labels]
+
+    @property
+    def discriminator_labels(self):
+        return [label for label in self.net_labels if label in self.D_LABELS]
+
+    def net(self, label):
+        return getattr(self, f'net_{label}')
+
+    def bare(self, label):
+        return self.get_bare_model(self.net(label))
+
+    # ------------------------------------------------------------------ training setup
+    def init_training_settings(self):
+        train_opt = self.opt['train']
+        for label in self.net_labels:
+            if label not in self.frozen_labels:
+                self.net(label).train()
+
+        self.ema_decay = train_opt.get('ema_decay', 0)
+        if self.ema_decay > 0:
+            get_root_logger().info(f'Use Exponential Moving Average with decay: {self.ema_decay}')
+            self.net_g_ema = build_network(self.opt['network_g']).to(self.device)
+            load_path = self.opt['path'].get('pretrain_network_g')
+            if load_path is not None:
+                self.load_network(self.net_g_ema, load_path, self.opt['path'].get('strict_load_g', True), 'params_ema')
+            else:
+                self.model_ema(0)
+            self.net_g_ema.eval()
+
+        for key in ('gan_opt', 'cycle_opt'):
+            if not train_opt.get(key):
+                raise UserError(f'train.{key} is missing: {type(self).__name__} needs it '
+                                '(see options/README.md)')
+        self.cri_gan = build_loss(train_opt['gan_opt']).to(self.device)
+        self.cri_cycle = build_loss(train_opt['cycle_opt']).to(self.device)
+        self.cri_wave = build_loss(train_opt['wave_opt']).to(self.device) if self.use_wave else None
+        if self.cri_wave is not None and not hasattr(self.cri_wave, 'highpass'):
+            raise UserError('train.wave_opt.type must be WaveletGANLoss (a GAN loss with a wavelet highpass)')
+
+        pool_size = train_opt.get('pool_size', 50)
+        self.pools = {'sharp': ImageHistoryPool(pool_size), 'blur': ImageHistoryPool(pool_size)}
+
+        self.setup_optimizers()
+        self.setup_schedulers()
+
+    def get_optimizer(self, optim_type, params, lr, **kwargs):
+        """Any ``torch.optim`` class by name (upstream 1.4.2 accepts only Adam)."""
+        cls = getattr(torch.optim, optim_type, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise UserError(f'train.optim_*.type: unknown optimizer "{optim_type}" (a torch.optim class, e.g. Adam)')
+        return cls(params, lr, **kwargs)
+
+    def _params(self, labels, option):
+        params = []
+        for label in labels:
+            for name, p in self.bare(label).named_parameters():
+                if p.requires_grad:
+                    params.append(p)
+        if not params:
+            raise UserError(f'train.{option}: no trainable parameters in {labels}')
+        return params
+
+    def setup_optimizers(self):
+        train_opt = self.opt['train']
+        optimizers = []
+        for option, labels in (('optim_g', self.generator_labels), ('optim_d', self.discriminator_labels)):
+            if not train_opt.get(option):
+                raise UserError(f'train.{option} is missing (e.g. {{type: Adam, lr: !!float 1e-4}})')
+            optim_opt = copy.deepcopy(train_opt[option])
+            optim_type = optim_opt.pop('type')
+            optimizers.append(self.get_optimizer(optim_type, self._params(labels, option), **optim_opt))
+        self.optimizer_g, self.optimizer_d = optimizers
+        self.optimizers = optimizers
+
+    def setup_schedulers(self):
+        """Upstream's, on a copy of ``train.scheduler`` (upstream pops ``type`` from the options in place)."""
+        train_opt = self.opt['train']
+        saved = train_opt.get('scheduler')
+        if not saved:
+            raise UserError('train.scheduler is missing (e.g. {type: MultiStepLR, milestones: [], gamma: 0.5})')
+        train_opt['scheduler'] = copy.deepcopy(saved)
+        try:
+            super().setup_schedulers()
+        finally:
+            train_opt['scheduler'] = saved
+
+    # ------------------------------------------------------------------ data
+    def feed_data(self, data):
+        """Training items: ``lq`` (blurry) and ``ref`` (unpaired sharp). Validation: ``lq`` and ``gt``."""
+        self.lq = data['lq'].to(self.device)
+        if 'ref' in data:
+            self.ref = data['ref'].to(self.device)
+        if 'gt' in data:
+            self.gt = data['gt'].to(self.device)
+
+    # ------------------------------------------------------------------ one iteration
+    def deblur_train(self, blur, sharp):
+        """DN on a blurry batch during training -> (sharp estimate, extra generator losses). Hook for subclasses."""
+        return self.net_g(blur), OrderedDict()
+
+    def generator_losses(self):
+        """Forward the cycle; returns ``(l_g_total, OrderedDict of weighted terms incl. l_g_total)``."""
+        b, s = self.lq, self.ref
+        if b.shape[0] != s.shape[0]:
+            raise ValueError(f'blurry and sharp batches differ in size: {b.shape[0]} vs {s.shape[0]}')
+        fake_b = self.net_rb(s)
+        out, extra = self.deblur_train(torch.cat([b, fake_b]), s)  # one DN pass for real and fake blur
+        fake_s, rec_s = out[:b.shape[0]], out[b.shape[0]:]
+        rec_b = self.net_rb(fake_s)
+        self.fake_s, self.fake_b = fake_s.detach(), fake_b.detach()
+
+        losses = OrderedDict()
+        # discriminators are frozen here; their bare modules keep DDP's reducer out of the G step
+        losses['l_g_gan_sharp'] = self.cri_gan(self.bare('d_sharp')(fake_s), True, is_disc=False)
+        losses['l_g_gan_blur'] = self.cri_gan(self.bare('d_blur')(fake_b), True, is_disc=False)
+        losses['l_cyc_blur'] = self.cri_cycle(rec_b, b)
+        losses['l_cyc_sharp'] = self.cri_cycle(rec_s, s)
+        if self.use_wave:
+            losses['l_g_wave'] = self.cri_wave(self.bare('d_wave')(self.cri_wave.highpass(fake_s)), True,
+                                               is_disc=False)
+        losses.update(extra)
+        l_total = sum(losses.values())
+        losses['l_g_total'] = l_total
+        return l_total, losses
+
+    def _d_pair(self, label, real, fake):
+        pred_real, pred_fake = self.net(label)(torch.cat([real, fake])).chunk(2)  # one (DDP) forward
+        return (self.cri_gan(pred_real, True, is_disc=True), self.cri_gan(pred_fake, False, is_disc=True))
+
+    def discriminator_losses(self):
+        """Returns ``(l_d_total, OrderedDict)``; uses the fakes of the last ``generator_losses`` call."""
+        losses = OrderedDict()
+        fake_s = self.pools['sharp'].query(self.fake_s)
+        fake_b = self.pools['blur'].query(self.fake_b)
+        losses['l_d_sharp_real'], losses['l_d_sharp_fake'] = self._d_pair('d_sharp', self.ref, fake_s)
+        losses['l_d_blur_real'], losses['l_d_blur_fake'] = self._d_pair('d_blur', self.lq, fake_b)
+        if self.use_wave:
+            hp = self.cri_wave.highpass
+            pred_real, pred_fake = self.net_d_wave(torch.cat([hp(self.ref), hp(fake_s)])).chunk(2)
+            losses['l_d_wave_real'] = self.cri_wave(pred_real, True, is_disc=True)
+            losses['l_d_wave_fake'] = self.cri_wave(pred_fake, False, is_disc=True)
+        l_total = 0.5 * sum(losses.values())
+        losses['l_d_total'] = l_total
+        return l_total, losses
+
+    def _set_d_requires_grad(self, flag):
+        for label in self.discriminator_labels:
+            for p in self.net(label).parameters():
+                p.requires_grad = flag
+
+    def optimize_parameters(self, current_iter):
+        # generator step
+        self._set_d_requires_grad(False)
+        self.optimizer_g.zero_grad(set_to_none=True)
+        l_g_total, g_losses = self.generator_losses()
+        l_g_total.backward()
+        self.optimizer_g.step()
+        # discriminator step
+        self._set_d_requires_grad(True)
+        self.optimizer_d.zero_grad(set_to_none=True)
+        l_d_total, d_losses = self.discriminator_losses()
+        l_d_total.backward()
+        self.optimizer_d.step()
+
+        g_losses.update(d_losses)
+        self.log_dict = self.reduce_loss_dict(g_losses)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    # ------------------------------------------------------------------ inference
+    def deblur_test(self, net_g, lq):
+        """Inference path of DN (no grad, eval mode). Hook for subclasses."""
+        return net_g(lq)
+
+    def test(self):
+        ema = getattr(self, 'net_g_ema', None)
+        net = ema if ema is not None else self.get_bare_model(self.net_g)  # bare: no DDP collectives on rank 0
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            self.output = self.deblur_test(net, self.lq)
+        if was_training:
+            net.train()
+
+    # ------------------------------------------------------------------ save / resume
+    def save(self, epoch, current_iter):
+        for label in self.net_labels:
+            if label == 'g' and getattr(self, 'net_g_ema', None) is not None:
+                self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter,
+                                  param_key=['params', 'params_ema'])
+            else:
+                self.save_network(self.net(label), f'net_{label}', current_iter)
+        self.save_training_state(epoch, current_iter)
+
+    def extra_training_state(self):
+        """Merged into the ``.state`` file by ``compat`` (alongside optimizers and schedulers)."""
+        pools = getattr(self, 'pools', None)
+        return {'image_pools': {k: p.state_dict() for k, p in pools.items()}} if pools else {}
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)
+        for name, images in (resume_state.get('image_pools') or {}).items():
+            if name in self.pools:
+                self.pools[name].load_state_dict(images, self.device)

@@ -1,0 +1,187 @@
+"""Demo report: input vs output PSNR/SSIM per validation image, and a blurry | deblurred | sharp grid.
+
+Run after ``basicsr test -opt options/test_tpdiff_demo.yml``::
+
+    python -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test
+
+It reads the blurry and sharp validation images (LMDB in basicsr layout, or a folder), finds each
+one's deblurred result ``<results>/visualization/<dataset>/<key>_<suffix>.png`` (basicsr test's
+naming), prints a table of input PSNR/SSIM (blurry vs sharp) against output PSNR/SSIM (deblurred vs
+sharp) with basicsr's ``calculate_psnr`` / ``calculate_ssim`` (RGB, no border crop) and their mean,
+and writes a PNG grid, one row per image: blurry | deblurred | sharp. Not a ``tpdiff`` sub-command.
+"""
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+
+from tpdiff_plugin.utils.errors import UserError
+
+DEFAULT_BLUR = os.path.join('datasets_lmdb', 'demo', 'val_blur.lmdb')
+DEFAULT_SHARP = os.path.join('datasets_lmdb', 'demo', 'val_sharp.lmdb')
+IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+
+
+def _decode(buf, what):
+    import cv2
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError(f'{what}: not a readable image')
+    return img
+
+
+def read_images(root):
+    """``{key: BGR uint8 image}`` from an LMDB (basicsr layout: data.mdb + meta_info.txt) or a folder."""
+    if not os.path.exists(root):
+        raise UserError(f'{root}: no such LMDB or folder (build the demo set with `tpdiff make-demo`)')
+    meta = os.path.join(root, 'meta_info.txt')
+    if os.path.isfile(os.path.join(root, 'data.mdb')):
+        if not os.path.isfile(meta):
+            raise UserError(f'{root}: LMDB without meta_info.txt')
+        import lmdb
+        with open(meta, encoding='utf-8') as f:
+            keys = [line.split(' ')[0].split('.')[0] for line in f if line.strip()]
+        env = lmdb.open(root, readonly=True, lock=False, readahead=False)
+        try:
+            with env.begin(write=False) as txn:
+                images = {}
+                for key in keys:
+                    buf = txn.get(key.encode('ascii'))
+                    if buf is None:
+                        raise UserError(f'{root}: key {key!r} listed in meta_info.txt is not in the LMDB')
+                    images[key] = _decode(buf, f'{root}[{key}]')
+        finally:
+            env.close()
+        return images
+    if not os.path.isdir(root):
+        raise UserError(f'{root}: neither an LMDB folder nor an image folder')
+    images = {}
+    for path in sorted(glob.glob(os.path.join(root, '**', '*'), recursive=True)):
+        if path.lower().endswith(IMG_EXTS):
+            with open(path, 'rb') as f:
+                images[os.path.splitext(os.path.basename(path))[0]] = _decode(f.read(), path)
+    if not images:
+        raise UserError(f'{root}: no images found')
+    return images
+
+
+def find_result(results_dir, key):
+    """The deblurred image basicsr test wrote for ``key``: ``visualization/<dataset>/<key>_<suffix>.png``.
+
+    The suffix is the test's name (the results folder's name) unless ``val.suffix`` was set; the exact
+    name is preferred, so that key ``cat`` never picks up ``cat_2_<name>.png``.
+    """
+    vis = os.path.join(glob.escape(os.path.normpath(results_dir)), 'visualization', '*')
+    name = os.path.basename(os.path.normpath(results_dir))
+    for pattern in (f'{glob.escape(key)}_{glob.escape(name)}.png', f'{glob.escape(key)}_*.png'):
+        matches = sorted(glob.glob(os.path.join(vis, pattern)))
+        if matches:
+            return matches[0]
+    return None
+
+
+def collect(results_dir, blur_root, sharp_root):
+    """Rows ``(key, blurry, deblurred, sharp)`` for every validation key with a result."""
+    import cv2
+    if not os.path.isdir(results_dir):
+        raise UserError(f'--results: no such folder: {results_dir} (run `basicsr test -opt ...` first)')
+    blurs, sharps = read_images(blur_root), read_images(sharp_root)
+    missing_sharp = sorted(set(blurs) - set(sharps))
+    if missing_sharp:
+        raise UserError(f'--sharp {sharp_root}: no sharp image for key {missing_sharp[0]!r} of --blur {blur_root}')
+    rows, missing = [], []
+    for key in sorted(blurs):
+        path = find_result(results_dir, key)
+        if path is None:
+            missing.append(key)
+            continue
+        out = cv2.imread(path, cv2.IMREAD_COLOR)
+        if out is None:
+            raise UserError(f'{path}: not a readable image')
+        if out.shape != blurs[key].shape or sharps[key].shape != blurs[key].shape:
+            raise UserError(f'{key}: sizes differ: blurry {blurs[key].shape}, deblurred {out.shape} ({path}), '
+                            f'sharp {sharps[key].shape}')
+        rows.append((key, blurs[key], out, sharps[key]))
+    if not rows:
+        raise UserError(f'{results_dir}: no result images for the keys of {blur_root} '
+                        f'(expected visualization/<dataset>/<key>_<suffix>.png)')
+    if missing:
+        print(f'warning: no result for {len(missing)} key(s), e.g. {missing[0]!r}', file=sys.stderr)
+    return rows
+
+
+def metrics_table(rows):
+    """``(per-image list of dicts, mean dict)`` of input/output PSNR and SSIM."""
+    from basicsr.metrics import calculate_psnr, calculate_ssim
+    per_image = []
+    for key, blur, out, sharp in rows:
+        per_image.append({
+            'key': key,
+            'in_psnr': float(calculate_psnr(blur, sharp, crop_border=0)),
+            'in_ssim': float(calculate_ssim(blur, sharp, crop_border=0)),
+            'out_psnr': float(calculate_psnr(out, sharp, crop_border=0)),
+            'out_ssim': float(calculate_ssim(out, sharp, crop_border=0)),
+        })
+    mean = {k: float(np.mean([r[k] for r in per_image])) for k in ('in_psnr', 'in_ssim', 'out_psnr', 'out_ssim')}
+    return per_image, mean
+
+
+def format_table(per_image, mean):
+    width = max(len('mean'), max(len(r['key']) for r in per_image))
+    head = f'{"image":<{width}}  {"input PSNR":>10}  {"input SSIM":>10}  {"output PSNR":>11}  {"output SSIM":>11}'
+    lines = [head, '-' * len(head)]
+    for r in per_image + [dict(mean, key='mean')]:
+        if r['key'] == 'mean':
+            lines.append('-' * len(head))
+        lines.append(f'{r["key"]:<{width}}  {r["in_psnr"]:>10.2f}  {r["in_ssim"]:>10.4f}  '
+                     f'{r["out_psnr"]:>11.2f}  {r["out_ssim"]:>11.4f}')
+    return '\n'.join(lines)
+
+
+def make_grid(rows, gap=4, header=22):
+    """One row per image (blurry | deblurred | sharp) under a header naming the columns; BGR uint8."""
+    import cv2
+    h = max(r[1].shape[0] for r in rows)
+    w = max(r[1].shape[1] for r in rows)
+    grid = np.full((header + len(rows) * (h + gap), 3 * w + 2 * gap, 3), 255, np.uint8)
+    for col, label in enumerate(('blurry', 'deblurred', 'sharp')):
+        cv2.putText(grid, label, (col * (w + gap) + 4, header - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    for i, (_, blur, out, sharp) in enumerate(rows):
+        y = header + i * (h + gap)
+        for col, img in enumerate((blur, out, sharp)):
+            x = col * (w + gap)
+            grid[y:y + img.shape[0], x:x + img.shape[1]] = img
+    return grid
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='python -m tpdiff_plugin.tools.demo_report',
+                                     description=__doc__.split('\n')[0])
+    parser.add_argument('--results', required=True, help='the test results folder, e.g. results/TPDiff_Demo_Test')
+    parser.add_argument('--blur', default=DEFAULT_BLUR, help=f'blurry inputs, LMDB or folder (default {DEFAULT_BLUR})')
+    parser.add_argument('--sharp', default=DEFAULT_SHARP, help=f'sharp references (default {DEFAULT_SHARP})')
+    parser.add_argument('--out', default=None,
+                        help='grid PNG to write (default: results/<results folder name>_grid.png beside --results)')
+    args = parser.parse_args(argv)
+    try:
+        import cv2
+        rows = collect(args.results, args.blur, args.sharp)
+        per_image, mean = metrics_table(rows)
+        print(format_table(per_image, mean))
+        results = os.path.normpath(args.results)
+        out = args.out or os.path.join(os.path.dirname(results) or '.', f'{os.path.basename(results)}_grid.png')
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if not cv2.imwrite(out, make_grid(rows)):
+            raise UserError(f'--out: cannot write {out}')
+        print(f'grid (blurry | deblurred | sharp): {out}')
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
