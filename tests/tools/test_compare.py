@@ -11,6 +11,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 from tpdiff_plugin.cli import tpdiff_main
+from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.tools.compare import PeakMemory, crop_box, realblur_metrics
 
 TINY_G = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
@@ -159,3 +160,23 @@ def test_bad_options_are_one_line_errors(workspace, capsys, edit, match):
     assert tpdiff_main(['compare', '-opt', _write(tmp_path, opt)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and match in err and '\n' not in err, err
+
+
+def test_network_can_name_a_training_options_file(tmp_path):
+    from tpdiff_plugin.tools.compare import load_compare_options
+    train_opt = tmp_path / 'train.yml'
+    block = {'type': 'TPDiffNet', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
+             'heads': [1, 1, 1, 1], 'prior_ch': 8, 'dm_feats': 8, 'dm_blocks': 1}
+    train_opt.write_text(yaml.safe_dump({'name': 'x', 'model_type': 'TPDiffModel', 'network_g': block}))
+    (tmp_path / 'gt').mkdir()
+    (tmp_path / 'lq').mkdir()
+    cfg = tmp_path / 'c.yml'
+    cfg.write_text(yaml.safe_dump({
+        'dataset': {'dataroot_gt': str(tmp_path / 'gt'), 'dataroot_lq': str(tmp_path / 'lq'),
+                    'io_backend': {'type': 'disk'}},
+        'restorers': {'ours': {'network': str(train_opt)}}}))
+    opt = load_compare_options(str(cfg))
+    assert opt['restorers']['ours']['network'] == block
+    cfg.write_text(cfg.read_text().replace(str(train_opt), str(tmp_path / 'missing.yml')))
+    with pytest.raises(UserError, match='restorers.ours.network: no such options file'):
+        load_compare_options(str(cfg))

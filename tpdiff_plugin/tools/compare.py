@@ -254,8 +254,18 @@ def load_compare_options(path):
     import tpdiff_plugin  # noqa: F401  (registers the networks, peers included)
     from basicsr.utils.registry import ARCH_REGISTRY
     for label, entry in opt['restorers'].items():
+        if isinstance(entry, dict) and isinstance(entry.get('network'), str):
+            # `network: options/X.yml` takes that training file's network_g block, so the two cannot drift apart
+            from tpdiff_plugin.utils.options import load_options_file
+            src = entry['network']
+            if not os.path.isfile(src):
+                raise UserError(f'{path}: restorers.{label}.network: no such options file: {src}')
+            entry['network'] = load_options_file(src).get('network_g')
+            if not isinstance(entry['network'], dict):
+                raise UserError(f'{path}: restorers.{label}.network: {src} has no network_g block')
         if not isinstance(entry, dict) or not isinstance(entry.get('network'), dict):
-            raise UserError(f'{path}: restorers.{label} needs a "network" block (e.g. network: {{type: PeerNAFNet}})')
+            raise UserError(f'{path}: restorers.{label} needs a "network" block (e.g. network: {{type: PeerNAFNet}}) '
+                            'or the path of a training options file whose network_g to use')
         kind = entry['network'].get('type')
         if kind not in ARCH_REGISTRY:  # before anything runs
             raise UserError(f'{path}: restorers.{label}.network.type: no network named "{kind}" is registered '
