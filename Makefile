@@ -23,12 +23,17 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job on the embedded demo set: data, stage 1, stage 2 (from stage 1's checkpoints), test, report.
+# Earlier demo runs are archived by basicsr (experiments/*_archived_<time>); `make clean-demo` removes them.
 demo: $(STAMP)
 	$(VENV)/bin/tpdiff make-demo --force
-	$(PY) -m tpdiff_plugin.tools.check_data datasets_lmdb/demo
+	$(VENV)/bin/basicsr train -opt options/demo_stage1.yml
+	$(VENV)/bin/basicsr train -opt options/demo_stage2.yml
+	$(VENV)/bin/basicsr test -opt options/test_tpdiff_demo.yml
+	$(PY) -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test
 
 bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean-demo:
-	rm -rf datasets_lmdb/demo experiments/TPDiff_Demo_* results/TPDiff_Demo_*
+	rm -rf datasets_lmdb/demo experiments/TPDiff_Demo_* results/TPDiff_Demo_* results/compare_demo
