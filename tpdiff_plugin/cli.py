@@ -107,6 +107,15 @@ def tpdiff_main(argv=None):
         result = args._tool.run(args)
     except UserError as e:
         return _fail(str(e))
+    except (OSError, MemoryError) as e:  # the machine, not the input (disk full, permissions): one line, exit 1
+        where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
+        return _fail(f'{args.command}: {e.strerror or e}{where}', code=1)
+    except Exception as e:  # noqa: BLE001
+        if type(e).__module__ != 'lmdb':
+            raise
+        out = getattr(args, 'output', None)
+        return _fail(f'{args.command}: LMDB error: {e}' + (f' while writing under {out}' if out else '') +
+                     '; check free disk space (and the file size limit), then run it again', code=1)
     return int(result or 0)
 
 

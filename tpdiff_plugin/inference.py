@@ -84,14 +84,9 @@ def load_weights(net, weights, param_key=None):
     state dict. ``module.`` prefixes (DDP) are dropped. A checkpoint that does not fit ``net`` raises a
     one-line ``UserError`` listing a few missing / unexpected / mis-shaped keys.
     """
+    from tpdiff_plugin.compat import read_checkpoint
     weights = os.fspath(weights)
-    if not os.path.isfile(weights):
-        raise UserError(f'--weights: no such checkpoint file: {weights}')
-    try:
-        ckpt = torch.load(weights, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001  (corrupt or foreign file: one line naming it)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise UserError(f'{weights}: cannot read checkpoint ({type(e).__name__}: {first})') from None
+    ckpt = read_checkpoint(weights, '--weights')
     if not isinstance(ckpt, dict):
         raise UserError(f'{weights}: not a basicsr checkpoint (expected a dict with "params"), '
                         f'got {type(ckpt).__name__}')

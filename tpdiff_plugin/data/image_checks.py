@@ -171,6 +171,31 @@ def _describe(keys, limit=3):
     return ', '.join(repr(k) for k in keys[:limit]) + more
 
 
+def check_lmdb_complete(path, option):
+    """Refuse an LMDB whose ``data.mdb`` is shorter than the pages its header says are in use (a copy or
+    download that stopped early). Reading such a file kills the process with SIGBUS (lmdb maps it), so
+    this must be checked before any worker touches it."""
+    data = os.path.join(path, 'data.mdb')
+    if not os.path.isfile(data):
+        return
+    size = os.path.getsize(data)
+    if size < 2 * 4096:
+        raise UserError(f'{option}: {data} is truncated ({size} bytes, less than its two header pages); '
+                        'rebuild or re-copy the LMDB')
+    import lmdb
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True)
+    except lmdb.Error as e:
+        raise UserError(f'{option}: cannot open LMDB {path}: {e}') from None
+    try:
+        needed = (env.info()['last_pgno'] + 1) * env.stat()['psize']
+    finally:
+        env.close()
+    if size < needed:
+        raise UserError(f'{option}: {data} is truncated ({size} bytes, its header needs {needed}); '
+                        'rebuild or re-copy the LMDB')
+
+
 def check_lmdb(lmdb_path, what):
     """Check an LMDB folder and return its meta_info entries ``[(key, (h, w, c)), ...]``.
 
@@ -184,6 +209,7 @@ def check_lmdb(lmdb_path, what):
                         '`tpdiff make-demo` for the demo set)')
     if not os.path.isdir(lmdb_path) or not os.path.isfile(os.path.join(lmdb_path, 'data.mdb')):
         raise UserError(f'{what}: {lmdb_path} is not an LMDB folder (no data.mdb inside)')
+    check_lmdb_complete(lmdb_path, what)
     entries = read_meta_info(lmdb_path, what)
     meta_keys = [k for k, _ in entries]
     dups = {k for k, n in collections.Counter(meta_keys).items() if n > 1}

@@ -124,12 +124,15 @@ class UnpairedImageDataset(data.Dataset):
         label = f'{source.root}[{name}]' if self.backend == 'lmdb' else name
         return image_checks.decode_bgr8(content, label), name
 
-    def _crop(self, img):
+    def _crop(self, img, source, name):
         """A random ``P x P`` crop, with random flips/rotations in the train phase."""
         if self.phase != 'train':
             return img
         p = self.patch_size
         h, w = img.shape[:2]
+        if h < p or w < p:  # meta_info said it was large enough: it lied
+            raise UserError(f'{source.what}: image {name!r} in {source.root} decodes to {h}x{w} (h x w), smaller '
+                            f'than gt_size {p}; its meta_info.txt line is wrong: rebuild the LMDB')
         top = random.randint(0, h - p)
         left = random.randint(0, w - p)
         patch = img[top:top + p, left:left + p, :].copy()
@@ -145,8 +148,8 @@ class UnpairedImageDataset(data.Dataset):
             sharp_index = index % len(self.sharp.names)
         img_blur, blur_name = self._read(self.blur, index, 'blur')
         img_sharp, sharp_name = self._read(self.sharp, sharp_index, 'sharp')
-        patch_blur = self._crop(img_blur)
-        patch_sharp = self._crop(img_sharp)
+        patch_blur = self._crop(img_blur, self.blur, blur_name)
+        patch_sharp = self._crop(img_sharp, self.sharp, sharp_name)
         lq, ref = img2tensor([patch_blur.astype('float32') / 255., patch_sharp.astype('float32') / 255.],
                              bgr2rgb=True, float32=True)
         if self.mean is not None or self.std is not None:

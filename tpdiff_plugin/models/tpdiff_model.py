@@ -82,12 +82,7 @@ class TPDiffModel(UnpairedCycleModel):
             self.add_network('tpe', frozen=self.stage == 2)
         elif 'network_tpe' in self.opt and not self.use_tpe:
             get_root_logger().info('train.use_tpe is false: network_tpe is not built (w/o TPE ablation).')
-        if self.is_train:
-            self.add_network('rb')
-            self.add_network('d_sharp')
-            self.add_network('d_blur')
-            if self.use_wave:
-                self.add_network('d_wave')
+        self.define_cycle_networks()
 
     def init_training_settings(self):
         super().init_training_settings()

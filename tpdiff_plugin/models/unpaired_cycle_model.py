@@ -18,6 +18,12 @@ One iteration (batch: ``lq`` = blurry b, ``ref`` = an unpaired sharp s):
     fakes pass through the history pools (``train.pool_size``, CycleGAN's 50; 0 = off), then
     l_d_<d>_real / l_d_<d>_fake = GAN(D(real), real) / GAN(D(fake), fake); l_d_total = half their sum.
 
+Numerical guard: when any G or D loss term is NaN/Inf the iteration changes nothing (no optimizer step,
+no history-pool push, no EMA update; a bad D loss after a good G step skips only the D step), the bad
+terms are logged, and after ``train.max_bad_iters`` (default 10) such iterations in a row training
+stops with a ``UserError`` (the checkpoints already written are untouched). Mixed precision is not
+supported by this model (it never autocasts), so the guard covers fp32 training.
+
 Validation/test: ``net_g(lq)`` (the EMA copy when ``train.ema_decay`` > 0) with basicsr metrics, through
 ``SRModel.nondist_validation``. ``save`` writes every network, the optimizers, schedulers and the pools.
 """
@@ -26,6 +32,7 @@ import os
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
@@ -34,6 +41,7 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from tpdiff_plugin import compat
 from tpdiff_plugin.utils.errors import UserError
 
 
@@ -117,6 +125,10 @@ class UnpairedCycleModel(SRModel):
     def define_networks(self):
         """Build (and load) DN for inference; RN and the discriminators too when training."""
         self.add_network('g')
+        self.define_cycle_networks()
+
+    def define_cycle_networks(self):
+        """RN and the discriminators (sharp, blurry, optional wavelet), built only for training."""
         if self.is_train:
             self.add_network('rb')
             self.add_network('d_sharp')
@@ -163,10 +175,9 @@ class UnpairedCycleModel(SRModel):
         """Upstream ``BaseModel.load_network`` with ``weights_only=True`` and one-line errors."""
         logger = get_root_logger()
         net = self.get_bare_model(net)
-        try:
-            ckpt = torch.load(load_path, map_location='cpu', weights_only=True)
-        except Exception as e:  # noqa: BLE001  (corrupt / foreign file: say which)
-            raise UserError(f'{load_path}: cannot read checkpoint ({type(e).__name__}: {e})') from None
+        ckpt = compat.read_checkpoint(load_path, 'pretrain_network')  # weights_only=True; one-line UserError
+        if not isinstance(ckpt, dict):
+            raise UserError(f'{load_path}: not a basicsr checkpoint (a dict of state dicts), got {type(ckpt).__name__}')
         if param_key is not None:
             if param_key not in ckpt and 'params' in ckpt:
                 logger.info(f'Loading: {param_key} does not exist in {load_path}, use params.')
@@ -227,6 +238,12 @@ class UnpairedCycleModel(SRModel):
         self.cri_wave = build_loss(train_opt['wave_opt']).to(self.device) if self.use_wave else None
         if self.cri_wave is not None and not hasattr(self.cri_wave, 'highpass'):
             raise UserError('train.wave_opt.type must be WaveletGANLoss (a GAN loss with a wavelet highpass)')
+
+        max_bad = train_opt.get('max_bad_iters', 10)
+        if isinstance(max_bad, bool) or not isinstance(max_bad, int) or max_bad < 1:
+            raise UserError(f'train.max_bad_iters: must be a positive integer, got {max_bad!r}')
+        self.max_bad_iters = max_bad
+        self.bad_iters = 0  # consecutive iterations with a non-finite loss
 
         pool_size = train_opt.get('pool_size', 50)
         self.pools = {'sharp': ImageHistoryPool(pool_size), 'blur': ImageHistoryPool(pool_size)}
@@ -339,22 +356,57 @@ class UnpairedCycleModel(SRModel):
             for p in self.net(label).parameters():
                 p.requires_grad = flag
 
+    def _bad_terms(self, losses):
+        """Names of the non-finite loss terms (agreed across DDP ranks, so all of them skip together)."""
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+        if self.opt.get('dist') and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor(float(bool(bad)), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not bad:
+                bad = ['(on another rank)']
+        return bad
+
+    def _record_bad(self, current_iter, bad, what):
+        self.bad_iters += 1
+        get_root_logger().warning(f'iter {current_iter}: non-finite {", ".join(bad)}; skipped {what} '
+                                  f'({self.bad_iters} bad iteration(s) in a row, limit train.max_bad_iters='
+                                  f'{self.max_bad_iters})')
+        if self.bad_iters >= self.max_bad_iters:
+            raise UserError(f'train.max_bad_iters: {self.bad_iters} iterations in a row (up to iter {current_iter}) '
+                            f'had non-finite losses (last: {", ".join(bad)}); training stopped. The checkpoints '
+                            f'in {self.opt["path"].get("models", "experiments/<name>/models")} are from good '
+                            'iterations: check the data for NaN/Inf, lower the learning rates, then resume with '
+                            '--auto_resume')
+
     def optimize_parameters(self, current_iter):
         # generator step
         self._set_d_requires_grad(False)
         self.optimizer_g.zero_grad(set_to_none=True)
         l_g_total, g_losses = self.generator_losses()
+        bad = self._bad_terms(g_losses)
+        if bad:  # nothing changes this iteration: no G step, no D step, no pool push
+            self.log_dict = self.reduce_loss_dict(g_losses)
+            self._record_bad(current_iter, bad, 'the G and D updates')
+            return
         l_g_total.backward()
         self.optimizer_g.step()
         # discriminator step
         self._set_d_requires_grad(True)
         self.optimizer_d.zero_grad(set_to_none=True)
+        pools = {k: list(p.images) for k, p in self.pools.items()}  # restored if the D loss is bad
         l_d_total, d_losses = self.discriminator_losses()
-        l_d_total.backward()
-        self.optimizer_d.step()
-
         g_losses.update(d_losses)
         self.log_dict = self.reduce_loss_dict(g_losses)
+        bad = self._bad_terms(d_losses)
+        if bad:
+            for k, images in pools.items():
+                self.pools[k].images = images
+            self.optimizer_d.zero_grad(set_to_none=True)
+            self._record_bad(current_iter, bad, 'the D update')
+            return
+        l_d_total.backward()
+        self.optimizer_d.step()
+        self.bad_iters = 0
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
@@ -384,12 +436,20 @@ class UnpairedCycleModel(SRModel):
         self.save_training_state(epoch, current_iter)
 
     def extra_training_state(self):
-        """Merged into the ``.state`` file by ``compat`` (alongside optimizers and schedulers)."""
+        """Merged into the ``.state`` file by ``compat`` (alongside optimizers and schedulers): the history
+        pools, the count of bad iterations in a row and the RNG streams (python, numpy, torch)."""
+        state = {'rng_states': compat.get_rng_states(), 'bad_iters': getattr(self, 'bad_iters', 0)}
         pools = getattr(self, 'pools', None)
-        return {'image_pools': {k: p.state_dict() for k, p in pools.items()}} if pools else {}
+        if pools:
+            state['image_pools'] = {k: p.state_dict() for k, p in pools.items()}
+        return state
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)
         for name, images in (resume_state.get('image_pools') or {}).items():
             if name in self.pools:
                 self.pools[name].load_state_dict(images, self.device)
+        self.bad_iters = int(resume_state.get('bad_iters', 0))
+        if resume_state.get('rng_states') is not None and self.opt.get('world_size', 1) == 1:
+            # rank 0's streams; basicsr train re-applies them when the first batch is drawn (compat)
+            compat.set_rng_states(resume_state['rng_states'])
