@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     p.add_argument('--quick', action='store_true', help='small sizes, one repeat: about a minute on CPU')
     p.add_argument('--size', default=None, metavar='HxW',
-                   help='inference size (default: 256x256 on CPU, 1280x720 on CUDA, 64x64 with --quick)')
+                   help='inference size, height x width (default: 256x256 on CPU, 720x1280 = a 1280x720 frame on CUDA, '
+                        '64x64 with --quick)')
     p.add_argument('--repeats', type=int, default=None, help='interleaved repeats (default 3; 1 with --quick)')
     p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
     p.add_argument('--compile', action='store_true', help='CUDA: torch.compile the networks (guarded)')
@@ -217,8 +218,8 @@ def main(argv=None):
     t = {k: median(v) for k, v in times.items()}
     dm_share = t['DM'] / t['TP-Diff']
 
-    note_size = f'{h}x{w}, median of {repeats}' + ('' if (h, w) == (720, 1280) else
-                                                    ' (not 1280x720: CPU budget; --size 1280x720 on GPU)')
+    note_size = f'{h}x{w} (HxW), median of {repeats}' + ('' if (h, w) == (720, 1280) else
+                                                    ' (not a 1280x720 frame: CPU budget; --size 720x1280 on GPU)')
     precision = 'bf16 autocast, channels_last' if cuda else 'fp32'
     table.add('TP-Diff inference', t['TP-Diff'], 's',
               f'{params["TP-Diff"] / 1e6:.2f}M params, {note_size}, {precision}'
