@@ -1,7 +1,10 @@
 """The `basicsr` and `tpdiff` console scripts: help, dispatch and one-line errors on bad input."""
 import textwrap
 
+import pytest
+
 from tpdiff_plugin import cli
+from tpdiff_plugin.utils.errors import UserError
 
 
 def test_tpdiff_help_lists_tools(cli_runner, tmp_path):
@@ -61,3 +64,34 @@ def test_missing_required_key(tmp_path, capsys):
     opt.write_text('model_type: SRModel\n')
     assert cli.basicsr_main(['train', '-opt', str(opt)]) == 2
     assert 'missing required option "name"' in capsys.readouterr().err
+
+
+def _opt_with_missing_dataroot(tmp_path):
+    opt = tmp_path / 'o.yml'
+    opt.write_text(textwrap.dedent("""\
+        name: x
+        model_type: SRModel
+        datasets:
+          train:
+            type: PairedImageDataset
+            dataroot_gt: /does/not/exist.lmdb
+            gt_size: 64
+        """))
+    return opt
+
+
+def test_force_yml_overrides_are_applied_before_the_early_checks(tmp_path):
+    opt = _opt_with_missing_dataroot(tmp_path)
+    (tmp_path / 'here.lmdb').mkdir()
+    cli._check_opt_file(['-opt', str(opt), '--force_yml', f'datasets:train:dataroot_gt={tmp_path}/here.lmdb',
+                         'datasets:train:gt_size=32', '--auto_resume'])  # accepted: the override exists
+    with pytest.raises(UserError, match='datasets.train.dataroot_gt'):
+        cli._check_opt_file(['-opt', str(opt), '--force_yml', 'datasets:train:gt_size=32'])
+
+
+def test_force_yml_of_a_missing_key_is_named(tmp_path):
+    opt = _opt_with_missing_dataroot(tmp_path)
+    with pytest.raises(UserError, match='has no option "datasets:train:dataroot_lq"'):
+        cli._check_opt_file(['-opt', str(opt), '--force_yml', 'datasets:train:dataroot_lq=/x'])
+    with pytest.raises(UserError, match='expected KEY:SUBKEY=VALUE'):
+        cli._check_opt_file(['-opt', str(opt), '--force_yml', 'name'])

@@ -35,15 +35,34 @@ def prepare_cpu():
     torch.set_flush_denormal(True)
 
 
+def _force_yml_entries(argv):
+    """The ``KEY=VALUE`` entries that follow ``--force_yml`` (upstream's nargs='+')."""
+    entries, i = [], 0
+    while i < len(argv):
+        if argv[i] == '--force_yml':
+            i += 1
+            while i < len(argv) and not argv[i].startswith('-'):
+                entries.append(argv[i])
+                i += 1
+        else:
+            i += 1
+    return entries
+
+
 def _check_opt_file(argv):
-    """Fail early, with one line, on a missing or unreadable ``-opt`` file (upstream would raise deep)."""
+    """Fail early, with one line, on a missing or unreadable ``-opt`` file (upstream would raise deep).
+
+    ``--force_yml`` overrides are applied first, as upstream applies them, so that a path fixed on the
+    command line is the one checked.
+    """
     for i, a in enumerate(argv):
         if a == '-opt' and i + 1 < len(argv):
             path = argv[i + 1]
             if not os.path.isfile(path):
                 raise UserError(f'-opt: no such options file: {path}')
-            from tpdiff_plugin.utils.options import validate_options_file
-            validate_options_file(path)
+            from tpdiff_plugin.utils.options import apply_force_yml, load_options_file, validate_options
+            opt = apply_force_yml(load_options_file(path), _force_yml_entries(argv), path)
+            validate_options(opt, path)
 
 
 def run_basicsr(command, argv):

@@ -43,7 +43,7 @@ def load_options_file(path):
     return opt
 
 
-def validate_options(opt, source):
+def validate_paths(opt, source):
     """Check required keys and that every data / pretrained path named in ``opt`` exists."""
     for key in REQUIRED_KEYS:
         if key not in opt:
@@ -167,9 +167,36 @@ def validate_schema(opt, source):
             _check_int(block['prior_scale'], f'network_{label}.prior_scale', 1, source)
 
 
+def apply_force_yml(opt, entries, source):
+    """Apply upstream's ``--force_yml KEY:SUB=VALUE`` overrides to ``opt`` (as ``parse_options`` does later).
+
+    Like upstream, only existing keys can be set; a missing one is a UserError naming it.
+    """
+    from basicsr.utils.options import _postprocess_yml_value
+    for entry in entries:
+        if entry.count('=') != 1:
+            raise UserError(f'--force_yml: expected KEY:SUBKEY=VALUE, got {entry!r}')
+        keys, value = (part.strip() for part in entry.split('='))
+        node, path = opt, keys.split(':')
+        for depth, key in enumerate(path):
+            if not isinstance(node, dict) or key not in node:
+                raise UserError(f'--force_yml {entry}: {source} has no option "{":".join(path[:depth + 1])}" '
+                                '(--force_yml can only change existing keys)')
+            if depth == len(path) - 1:
+                node[key] = _postprocess_yml_value(value)
+            else:
+                node = node[key]
+    return opt
+
+
+def validate_options(opt, source):
+    """Schema of our models' keys, required keys, and that every data / checkpoint path exists."""
+    validate_schema(opt, source)
+    validate_paths(opt, source)
+
+
 def validate_options_file(path):
     """Load and validate ``path``; returns the parsed mapping."""
     opt = load_options_file(path)
-    validate_schema(opt, path)
     validate_options(opt, path)
     return opt
