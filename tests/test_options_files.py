@@ -117,6 +117,9 @@ def test_paper_config_spells_out_the_class_defaults_and_sizes():
     for key, cls_name in (('network_g', 'TPDiffNet'), ('network_tpe', 'TexturePriorEncoder')):
         block = dict(s1[key])
         assert block.pop('type') == cls_name
+        if cls_name == 'TPDiffNet':  # a training-memory switch, not architecture: on for the paper batch
+            assert block.pop('grad_checkpoint') is True
+            block['grad_checkpoint'] = False
         assert block == _class_defaults(ARCH_REGISTRY.get(cls_name)), key
     n_params = sum(p.numel() for key in ('network_g', 'network_tpe')
                    for p in build_network(dict(s1[key])).parameters())

@@ -204,3 +204,21 @@ def test_paper_structure_at_defaults():
     assert heads == [1, 2, 4, 8]
     assert net.prior_scale == 4 and net.dm.timesteps == 8
     assert net.encoder_level1.blocks[0].attn.filter.kernel_size == 3
+
+
+def test_grad_checkpoint_gives_the_same_output_and_gradients():
+    x = torch.rand(2, 3, 32, 40)
+    z = torch.randn(2, TINY.get('prior_ch', 64), 8, 10)
+    results = []
+    for flag in (False, True):
+        net = _net(grad_checkpoint=flag)
+        out = net(x, prior=z)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, atol=0, rtol=0)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # inference is untouched by the flag
+        torch.testing.assert_close(_net(grad_checkpoint=True)(x, prior=z), out0, atol=0, rtol=0)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run HERE (a CPU machine with PyPI) before a GPU check: the lent GPU machine has Python 3.12 with
+# torch/torchvision/scikit-image/opencv but cannot fetch, so the rest travels as wheels in .whl/
+# (about 6 MB; name `.whl` in the device tool's `carry`). See bench/README.md, "GPU check".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+# basicsr ships only an sdist whose setup.py imports torch: build a pure-Python wheel with our venv.
+.venv/bin/pip wheel -q --no-deps --no-build-isolation basicsr==1.4.2 -w .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+  lmdb==1.7.5 PyWavelets==1.9.0 mmengine-lite==0.10.7 addict==2.4.0 yapf==0.43.0 termcolor==3.3.0 \
+  spandrel==0.4.2 spandrel-extra-arches==0.2.0
+ls -la .whl
