@@ -324,7 +324,7 @@ def main(argv=None):
             table.skip(n, 'ms', 'skipped (--no-train)')
     elif not os.path.isfile(stage2) or 'TPDiffModel' not in MODEL_REGISTRY:
         for n in names:
-            table.skip(n, 'ms', 'skipped: options/demo_stage2.yml or TPDiffModel not there yet')
+            table.skip(n, 'ms', 'skipped: options/demo_stage2.yml or the TPDiffModel registration is missing')
     else:
         iters = 3 if args.quick else 6
         log(f'stage-2 training, {iters} iterations (the first is a warm-up)')
