@@ -10,7 +10,8 @@ import torch
 
 from conftest import run_cmd
 from test_determinism import demo_data, tiny_options, write_options  # noqa: F401  (fixture)
-from test_unpaired_cycle_model import batch, build, make_opt
+from model_helpers import batch, build
+from test_unpaired_cycle_model import make_opt
 from tpdiff_plugin.utils.errors import UserError
 
 

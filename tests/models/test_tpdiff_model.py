@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from basicsr.models import build_model
 from basicsr.utils.misc import check_resume
 from tpdiff_plugin.models.tpdiff_model import TPDiffModel
 from tpdiff_plugin.utils.errors import UserError
+from model_helpers import batch, build
 
 TINY_G = {'type': 'TPDiffNet', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
           'heads': [1, 1, 1, 1], 'ffn_expansion_factor': 2.0, 'prior_ch': 8, 'prior_scale': 4, 'prior_hidden': 4,
@@ -44,16 +44,6 @@ def make_opt(root, stage=1, **train):
     os.makedirs(opt['path']['models'], exist_ok=True)
     os.makedirs(opt['path']['training_states'], exist_ok=True)
     return opt
-
-
-def batch(seed, n=2, size=32):
-    g = torch.Generator().manual_seed(seed)
-    return {'lq': torch.rand(n, 3, size, size, generator=g), 'ref': torch.rand(n, 3, size, size, generator=g)}
-
-
-def build(opt, seed=0):
-    torch.manual_seed(seed)
-    return build_model(opt)
 
 
 def snapshot(module):

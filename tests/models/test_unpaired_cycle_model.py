@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from basicsr.metrics import calculate_psnr
-from basicsr.models import build_model
 from basicsr.utils import tensor2img
 from basicsr.utils.misc import check_resume
 from tpdiff_plugin.models.unpaired_cycle_model import ImageHistoryPool, UnpairedCycleModel
 from tpdiff_plugin.utils.errors import UserError
+from model_helpers import batch, build
 
 G_TERMS = ('l_g_gan_sharp', 'l_g_gan_blur', 'l_cyc_blur', 'l_cyc_sharp', 'l_g_wave')
 D_TERMS = ('l_d_sharp_real', 'l_d_sharp_fake', 'l_d_blur_real', 'l_d_blur_fake', 'l_d_wave_real', 'l_d_wave_fake')
@@ -47,16 +47,6 @@ def make_opt(tmp_path=None, wave=True, pool_size=4, **train):
         os.makedirs(opt['path']['models'], exist_ok=True)
         os.makedirs(opt['path']['training_states'], exist_ok=True)
     return opt
-
-
-def batch(seed, n=2, size=32):
-    g = torch.Generator().manual_seed(seed)
-    return {'lq': torch.rand(n, 3, size, size, generator=g), 'ref': torch.rand(n, 3, size, size, generator=g)}
-
-
-def build(opt, seed=0):
-    torch.manual_seed(seed)
-    return build_model(opt)
 
 
 def test_registered_and_one_iteration_logs_every_term():
