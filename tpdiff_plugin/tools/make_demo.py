@@ -145,24 +145,24 @@ def build_demo(output=DEFAULT_OUTPUT, seed=0, force=False, quiet=True):
                 raise UserError(f'{path}: cannot write')
             return path
 
-        for photo in BLUR_PHOTOS:
-            img = load_photo(photo)
-            for top, left in tile_boxes(img):
-                if texture(img[top:top + TILE, left:left + TILE]) < MIN_TEXTURE:
-                    continue
-                key = _key(photo, top, left)
-                out, _, meta = _blurry(img, photo, top, left, rng)
-                sets['train_blur'].append((key, save(os.path.join(staging, 'train_blur'), key, out)))
-                info['images'][f'train_blur/{key}'] = meta
-        for photo in SHARP_PHOTOS:
-            img = load_photo(photo)
-            for top, left in tile_boxes(img):
-                if texture(img[top:top + TILE, left:left + TILE]) < MIN_TEXTURE:
-                    continue
-                key = _key(photo, top, left)
-                tile = img[top:top + TILE, left:left + TILE]
-                sets['train_sharp'].append((key, save(os.path.join(staging, 'train_sharp'), key, tile)))
-                info['images'][f'train_sharp/{key}'] = {'source': photo, 'box': [top, left, TILE, TILE]}
+        def textured_tiles(photos):
+            """``(photo, img, top, left)`` for every tile of ``photos`` with enough texture to learn from."""
+            for photo in photos:
+                img = load_photo(photo)
+                for top, left in tile_boxes(img):
+                    if texture(img[top:top + TILE, left:left + TILE]) >= MIN_TEXTURE:
+                        yield photo, img, top, left
+
+        for photo, img, top, left in textured_tiles(BLUR_PHOTOS):
+            key = _key(photo, top, left)
+            out, _, meta = _blurry(img, photo, top, left, rng)
+            sets['train_blur'].append((key, save(os.path.join(staging, 'train_blur'), key, out)))
+            info['images'][f'train_blur/{key}'] = meta
+        for photo, img, top, left in textured_tiles(SHARP_PHOTOS):
+            key = _key(photo, top, left)
+            tile = img[top:top + TILE, left:left + TILE]
+            sets['train_sharp'].append((key, save(os.path.join(staging, 'train_sharp'), key, tile)))
+            info['images'][f'train_sharp/{key}'] = {'source': photo, 'box': [top, left, TILE, TILE]}
         for photo, top, left in VAL_CROPS:
             img = load_photo(photo)
             key = _key(photo, top, left)
