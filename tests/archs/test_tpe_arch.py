@@ -119,3 +119,58 @@ def test_untrained_read_uses_many_memory_entries_on_photos():
     tpe = TexturePriorEncoder()
     _, index = tpe.read(x, return_index=True)
     assert index.unique().numel() >= 64  # of 256 entries, for 2 x 32 x 32 tokens
+
+
+def test_memory_ema_follows_training_writes_only():
+    """memory_ema: the first training write is copied, then a running mean, then an EMA with the decay;
+    eval-mode writes (validation) leave it alone."""
+    tpe = _tiny(mem_ema_decay=0.5)
+    assert torch.equal(tpe.memory_ema, tpe.memory) and int(tpe.memory_ema_updates) == 0
+    sharp = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    tpe.eval()
+    tpe.write(sharp[0])
+    assert int(tpe.memory_ema_updates) == 0 and torch.equal(tpe.memory_ema, tpe.memory)
+    tpe.train()
+    with torch.no_grad():
+        m = [tpe.write(s) for s in sharp]
+    torch.testing.assert_close(tpe.memory_ema, 0.5 * (0.5 * m[0] + 0.5 * m[1]) + 0.5 * m[2])
+    assert int(tpe.memory_ema_updates) == 3
+    assert tpe.memory_ema.grad_fn is None and not tpe.memory_ema.requires_grad
+    with pytest.raises(ValueError, match='mem_ema_decay'):
+        _tiny(mem_ema_decay=1.0)
+
+
+def test_memory_ema_is_saved_and_old_checkpoints_load():
+    tpe = _tiny()
+    tpe.write(torch.randn(2, 3, 16, 16))
+    state = tpe.state_dict()
+    assert {'memory_ema', 'memory_ema_updates'} <= set(state)
+    fresh = _tiny()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.memory_ema, tpe.memory_ema) and int(fresh.memory_ema_updates) == 1
+    old = {k: v for k, v in state.items() if not k.startswith('memory_ema')}  # a checkpoint from before it existed
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.memory_ema, state['memory']) and int(fresh.memory_ema_updates) == 0
+
+
+def test_forward_with_one_sharp_batch_per_chunk():
+    """forward(blur, [s1, s2]): chunk i of blur reads the memory written from s_i (None: the learned one)."""
+    tpe = _tiny()
+    blur = torch.randn(4, 3, 16, 20)
+    s1, s2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    z, index = tpe(blur, [s1, s2], return_index=True)
+    torch.testing.assert_close(z[:2], tpe.read(blur[:2], tpe.write(s1)))
+    torch.testing.assert_close(z[2:], tpe.read(blur[2:], tpe.write(s2)))
+    assert index.shape == (4, 4, 5)
+    torch.testing.assert_close(tpe(blur, [s1, None])[2:], tpe.read(blur[2:]))
+    with pytest.raises(ValueError, match='equal chunks'):
+        tpe(blur[:3], [s1, s2])
+
+
+def test_usage_counts_distinct_entries_and_perplexity():
+    tpe = _tiny()
+    assert tpe.usage(torch.tensor([3, 3, 3, 3])) == (1.0, pytest.approx(1.0))
+    entries, perplexity = tpe.usage(torch.tensor([[0, 1], [2, 3]]))
+    assert entries == 4 and perplexity == pytest.approx(4.0)
+    entries, perplexity = tpe.usage(torch.tensor([0, 0, 0, 1]))
+    assert entries == 2 and 1 < perplexity < 2

@@ -14,8 +14,9 @@ TINY = dict(dim=4, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1
 
 
 def _net(**kw):
+    """A tiny net; identity_init off unless asked for, so that outputs depend on the weights."""
     torch.manual_seed(0)
-    return TPDiffNet(**{**TINY, **kw})
+    return TPDiffNet(**{**TINY, 'identity_init': False, **kw})
 
 
 def _n(m):
@@ -126,6 +127,32 @@ def _assert_all_grads(module, skip=()):
     missing = [n for n, p in module.named_parameters()
                if not n.startswith(skip) and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize('use_dm', [True, False])
+def test_untrained_net_returns_its_input_exactly(use_dm):
+    """identity_init (the default): the output conv starts at zero, so out = lq + 0 for any prior."""
+    torch.manual_seed(0)
+    net = TPDiffNet(**TINY, use_dm=use_dm)
+    lq = torch.rand(2, 3, 37, 30)
+    assert torch.equal(net(lq), lq)
+    assert torch.equal(net(lq, prior=torch.randn(*net.prior_shape(lq))), lq)
+    other = _net(use_dm=use_dm)
+    assert (other(lq) - lq).abs().max() > 1e-3  # the option turns it off
+
+
+def test_identity_start_learns_from_the_first_step():
+    """At init only the zero output conv gets gradient; after one step every U-Net parameter does."""
+    net = _net(identity_init=True)
+    lq, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    prior = torch.randn(*net.prior_shape(lq))
+    (net(lq, prior=prior) - target).abs().mean().backward()
+    assert net.output.weight.grad.abs().sum() > 0
+    assert net.encoder_level1.blocks[0].attn.project_out.weight.grad.abs().sum() == 0
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    net.zero_grad()
+    (net(lq, prior=prior) - target).abs().mean().backward()
+    _assert_all_grads(net, skip=('dm.',))
 
 
 def test_every_parameter_gets_gradient_via_dm_training_path():

@@ -5,6 +5,11 @@ A 70x70 PatchGAN (pix2pix / CycleGAN): ``n_layers`` 4x4 stride-2 convs with Leak
 a 70x70 input window. The same class judges sharp images (D_S, 3 channels), blurry images (D_B,
 3 channels) and the wavelet detail bands (D_W, ``in_ch=9`` at half resolution).
 
+``blur_pool`` (option, default off: the paper's PatchGAN) low-passes the input of every stride-2 conv with
+``arch_util.BinomialBlur``. A plain strided conv is aliased, and its gradient with respect to the image,
+which is what the generator learns from, has a period-2 structure that a generator copies into its output
+as a checkerboard; the blur removes that structure.
+
 Shapes: [B, in_ch, H, W] -> [B, 1, H / 2**n_layers - 2, W / 2**n_layers - 2] (floored per stride);
 the input needs H, W >= 3 * 2**n_layers (24 px for n_layers=3).
 """
@@ -12,6 +17,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from basicsr.utils.registry import ARCH_REGISTRY
+
+from tpdiff_plugin.archs.arch_util import BinomialBlur
 
 _NORMS = ('spectral', 'instance', 'none')
 
@@ -26,9 +33,10 @@ class PatchDiscriminator(nn.Module):
         n_layers (int): number of stride-2 convs (3 gives the 70x70 receptive field).
         norm (str): 'spectral' (spectral norm on every conv, no feature norm), 'instance'
             (InstanceNorm after every conv but the first and last, as CycleGAN) or 'none'.
+        blur_pool (bool): blur before every stride-2 conv (anti-aliasing; see the module docstring).
     """
 
-    def __init__(self, in_ch=3, base_ch=64, n_layers=3, norm='spectral'):
+    def __init__(self, in_ch=3, base_ch=64, n_layers=3, norm='spectral', blur_pool=False):
         super().__init__()
         if norm not in _NORMS:
             raise ValueError(f'PatchDiscriminator: norm must be one of {_NORMS}, got "{norm}"')
@@ -38,7 +46,8 @@ class PatchDiscriminator(nn.Module):
         wrap = spectral_norm if norm == 'spectral' else (lambda m: m)
 
         def block(cin, cout, stride, feature_norm):
-            layers = [wrap(nn.Conv2d(cin, cout, 4, stride, 1))]
+            layers = [BinomialBlur()] if blur_pool and stride == 2 else []
+            layers.append(wrap(nn.Conv2d(cin, cout, 4, stride, 1)))
             if feature_norm and norm == 'instance':
                 layers.append(nn.InstanceNorm2d(cout))
             layers.append(nn.LeakyReLU(0.2, inplace=True))

@@ -19,6 +19,15 @@ by blurry ones, producing the spatial texture prior z.
   the selected rows of M' get dL/dz (plain indexing, so unselected rows get exactly zero) and the
   query path (W_r, E_b) gets the straight-through copy of dL/dz, as a VQ-VAE encoder does.
 
+- Memory EMA (ours, not in the paper): in training, every write also updates ``memory_ema``, an
+  exponential moving average of the enhanced memories (decay ``mem_ema_decay``; a plain running mean over
+  the first 1/(1 - decay) writes). It is a memory "written from the training sharp set" that no longer
+  depends on which sharp batch happened to be drawn, so reading it gives a prior that is a function of
+  the blurry image alone: the batch-independent DM target of stage 2 (``train.dm_target: ema_memory``).
+  It is a buffer (saved in checkpoints, no gradient); checkpoints without it load with it set to M.
+- ``usage(index)``: how many distinct entries a read selected, and the perplexity of their histogram
+  (exp of its entropy; = the number of entries if all were used equally), to see a collapsed memory.
+
 Shapes: ``read(blur [B, in_ch, H, W]) -> z [B, prior_ch, ceil(H/s), ceil(W/s)]`` (inputs are padded by
 reflection to a multiple of s); ``write(sharp [B', in_ch, H', W']) -> [mem_slots, prior_ch]``.
 """
@@ -68,16 +77,24 @@ class TexturePriorEncoder(nn.Module):
         in_ch: image channels. prior_ch: C of the prior (= memory entry length L). mem_slots: N.
         prior_scale: s, the prior is at 1/s of the image. enc_ch: width of the full-resolution conv of
         the encoders. mem_init_std: std of the memory's normal init (1: entries of unit-scale components,
-        the scale of the DM's N(0, I) start).
+        the scale of the DM's N(0, I) start). mem_ema_decay: decay of ``memory_ema`` (0 turns its
+        updates off).
     """
 
-    def __init__(self, in_ch=3, prior_ch=64, mem_slots=256, prior_scale=4, enc_ch=8, mem_init_std=1.0):
+    def __init__(self, in_ch=3, prior_ch=64, mem_slots=256, prior_scale=4, enc_ch=8, mem_init_std=1.0,
+                 mem_ema_decay=0.99):
         super().__init__()
+        if not 0 <= mem_ema_decay < 1:
+            raise ValueError(f'mem_ema_decay must be in [0, 1), got {mem_ema_decay}')
         self.prior_ch = prior_ch
         self.prior_scale = prior_scale
+        self.mem_slots = mem_slots
+        self.mem_ema_decay = mem_ema_decay
         self.enc_blur = TokenEncoder(in_ch, enc_ch, prior_ch, prior_scale)
         self.enc_sharp = TokenEncoder(in_ch, enc_ch, prior_ch, prior_scale)
         self.memory = nn.Parameter(torch.randn(mem_slots, prior_ch) * mem_init_std)
+        self.register_buffer('memory_ema', self.memory.detach().clone())
+        self.register_buffer('memory_ema_updates', torch.zeros((), dtype=torch.long))
         # write: memory queries, sharp-token keys/values, output projection
         self.write_q = nn.Linear(prior_ch, prior_ch)
         self.write_k = nn.Linear(prior_ch, prior_ch)
@@ -95,7 +112,32 @@ class TexturePriorEncoder(nn.Module):
         q = self.write_q(self.memory)
         k, v = self.write_k(tokens), self.write_v(tokens)
         attn = (q @ k.t() / math.sqrt(self.prior_ch)).softmax(dim=-1)  # [N, B·h·w]: over all sharp tokens
-        return self.memory + self.write_out(attn @ v)
+        enhanced = self.memory + self.write_out(attn @ v)
+        if self.training and self.mem_ema_decay > 0:
+            self._update_memory_ema(enhanced.detach())
+        return enhanced
+
+    @torch.no_grad()
+    def _update_memory_ema(self, enhanced):
+        n = int(self.memory_ema_updates) + 1
+        decay = min(self.mem_ema_decay, 1 - 1 / n)  # the first write is copied; a running mean until the decay
+        self.memory_ema.mul_(decay).add_(enhanced, alpha=1 - decay)
+        self.memory_ema_updates += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the memory EMA existed: start it at the learned memory, as a new TPE does
+        if prefix + 'memory' in state_dict and prefix + 'memory_ema' not in state_dict:
+            state_dict[prefix + 'memory_ema'] = state_dict[prefix + 'memory'].detach().clone()
+            state_dict[prefix + 'memory_ema_updates'] = torch.zeros((), dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def usage(self, index):
+        """``(distinct entries, perplexity)`` of a read's selected entries ``index`` (any shape, long), as
+        floats: perplexity = exp(entropy of the entry histogram), between 1 (one entry for every token) and
+        the number of distinct entries (all used equally)."""
+        counts = torch.bincount(index.flatten(), minlength=self.mem_slots).float()
+        p = counts[counts > 0] / counts.sum()
+        return float((counts > 0).sum()), float(torch.exp(-(p * p.log()).sum()))
 
     def read(self, blur, memory=None, return_index=False):
         """Texture-memory transfer: ``blur [B, in_ch, H, W] -> z [B, prior_ch, ceil(H/s), ceil(W/s)]``.
@@ -121,5 +163,18 @@ class TexturePriorEncoder(nn.Module):
             return z, index.view(b, h, w)
         return z
 
-    def forward(self, blur, sharp=None):
-        return self.read(blur, self.write(sharp) if sharp is not None else None)
+    def forward(self, blur, sharp=None, return_index=False):
+        """``sharp``: None (read the learned memory), one sharp batch whose written memory all of ``blur``
+        reads, or a list of k entries (batches or None), one memory for each of k equal chunks of ``blur``
+        along the batch dim (TPDiffModel: the real blurry chunk reads a memory written from the unpaired
+        sharp batch, the chunks made from that batch read one written from another batch). One call, so a
+        DDP-wrapped TPE runs a single forward."""
+        if not isinstance(sharp, (list, tuple)):
+            return self.read(blur, self.write(sharp) if sharp is not None else None, return_index=return_index)
+        if blur.shape[0] % len(sharp):
+            raise ValueError(f'TexturePriorEncoder: {blur.shape[0]} blurry images do not split into '
+                             f'{len(sharp)} equal chunks, one per sharp batch')
+        outs = [self.read(chunk, self.write(s) if s is not None else None, return_index=True)
+                for chunk, s in zip(blur.chunk(len(sharp)), sharp)]
+        z = torch.cat([o[0] for o in outs])
+        return (z, torch.cat([o[1] for o in outs])) if return_index else z

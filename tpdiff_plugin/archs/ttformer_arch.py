@@ -34,6 +34,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tpdiff_plugin.archs.arch_util import zero_init_
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
 from tpdiff_plugin.archs.fm_msa import DEFORM_IMPLS, FMMSA, PriorDeformFilter
 from tpdiff_plugin.archs.tm_ffn import TMFFN
@@ -107,10 +108,30 @@ class Downsample(nn.Sequential):
 
 
 class Upsample(nn.Sequential):
-    """``[B, C, H, W] -> [B, C/2, 2H, 2W]``: 3x3 conv to 2C, then PixelShuffle(2)."""
+    """``[B, C, H, W] -> [B, C/2, 2H, 2W]``: 3x3 conv to 2C, then PixelShuffle(2).
 
-    def __init__(self, dim):
+    ``icnr_init``: the conv starts with the four sub-pixel filters of each output channel equal (ICNR, Aitken
+    et al. 2017), so the pixel shuffle starts as a nearest-neighbour upsampling of one conv. With independent
+    random filters the four positions of every 2x2 output block differ systematically: a checkerboard of
+    period 2 (4, 8 after two, three levels) that the output conv passes on as soon as it is non-zero.
+    """
+
+    def __init__(self, dim, icnr_init=True):
         super().__init__(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+        if icnr_init:
+            icnr_(self[0].weight, scale=2)
+
+
+def icnr_(weight, scale=2):
+    """ICNR init in place of a conv weight ``[C·scale², C_in, k, k]`` that feeds ``PixelShuffle(scale)``: one
+    kaiming-uniform filter per output channel, repeated for its scale² sub-pixel positions (PixelShuffle
+    puts channel ``c·scale² + i`` at position i of output channel c). Hand-written: torch has no ICNR."""
+    c_out = weight.shape[0] // (scale * scale)
+    base = torch.empty(c_out, *weight.shape[1:])
+    nn.init.kaiming_uniform_(base, a=5 ** 0.5)  # nn.Conv2d's default init
+    with torch.no_grad():
+        weight.copy_(base.repeat_interleave(scale * scale, dim=0))
+    return weight
 
 
 def resize_prior(z, size):
@@ -142,14 +163,18 @@ class TPDiffNet(nn.Module):
     multi_scale_prior, use_dm, dm_feats / dm_blocks / dm_cond_blocks / dm_timesteps /
     dm_beta_start / dm_beta_end (PriorDiffusion's), deform_impl ('auto', 'torchvision',
     'grid_sample'), grad_checkpoint (recompute block activations in backward to save training memory:
-    measured on CPU, one forward+backward at 96 px keeps ~1.3 GiB per image without it).
+    measured on CPU, one forward+backward at 96 px keeps ~1.3 GiB per image without it), identity_init
+    (zero the output conv, so an untrained net returns its input exactly: ``out = lq + 0``; default on,
+    see ``arch_util.zero_init_``), icnr_init (the pixel-shuffle upsamplers start checkerboard-free, see
+    ``Upsample``; default on).
     """
 
     def __init__(self, inp_channels=3, out_channels=3, dim=30, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
                  heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False, prior_ch=64, prior_scale=4,
                  filter_kernel=3, fm_msa=True, multi_scale_prior=True, use_dm=True, dm_feats=64, dm_blocks=5,
                  dm_timesteps=8, deform_impl='auto', offset_groups=1, prior_hidden=16, dm_cond_blocks=2,
-                 dm_beta_start=0.1, dm_beta_end=0.99, grad_checkpoint=False):
+                 dm_beta_start=0.1, dm_beta_end=0.99, grad_checkpoint=False, identity_init=True,
+                 icnr_init=True):
         super().__init__()
         if deform_impl not in DEFORM_IMPLS:
             raise ValueError(f'deform_impl must be one of {DEFORM_IMPLS}, got {deform_impl!r}')
@@ -183,16 +208,18 @@ class TPDiffNet(nn.Module):
         self.encoder_level3 = level(num_blocks[2], dim * 4, heads[2], False)
         self.down3_4 = Downsample(dim * 4)
         self.latent = level(num_blocks[3], dim * 8, heads[3], False)
-        self.up4_3 = Upsample(dim * 8)
+        self.up4_3 = Upsample(dim * 8, icnr_init)
         self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, 1, bias=bias)
         self.decoder_level3 = level(num_blocks[2], dim * 4, heads[2], False)
-        self.up3_2 = Upsample(dim * 4)
+        self.up3_2 = Upsample(dim * 4, icnr_init)
         self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=bias)
         self.decoder_level2 = level(num_blocks[1], dim * 2, heads[1], False)
-        self.up2_1 = Upsample(dim * 2)
+        self.up2_1 = Upsample(dim * 2, icnr_init)
         self.decoder_level1 = level(num_blocks[0], dim * 2, heads[0], True)
         self.refinement = level(num_refinement_blocks, dim * 2, heads[0], True)
         self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
+        if identity_init:
+            zero_init_(self.output)
 
     def set_deform_impl(self, impl):
         """Switch every FM-MSA filter to ``impl`` ('auto', 'torchvision', 'grid_sample'); weights are unaffected."""
