@@ -130,8 +130,9 @@ def build_stage2_model(options_path, device, workdir, batch_size=None, patch=Non
     for key in ('experiments_root', 'models', 'training_states', 'log', 'visualization'):
         opt['path'][key] = os.path.join(root, key)
         os.makedirs(opt['path'][key], exist_ok=True)
-    for label in ('g', 'tpe', 'rb'):  # stage 2 starts from stage-1 checkpoints: random ones will do for timing
-        if f'network_{label}' in opt:
+    opt['path'].pop('resume_optim_d', None)  # fresh discriminator moments: the same work per iteration
+    for label in ('g', 'tpe', 'rb', 'd_sharp', 'd_blur', 'd_wave'):  # random stage-1 checkpoints do for timing
+        if f'network_{label}' in opt and (label in ('g', 'tpe', 'rb') or opt['path'].get(f'pretrain_network_{label}')):
             ckpt = os.path.join(workdir, f'net_{label}_stage1.pth')
             atomic_torch_save({'params': build_network(copy.deepcopy(opt[f'network_{label}'])).state_dict()}, ckpt)
             opt['path'][f'pretrain_network_{label}'] = ckpt

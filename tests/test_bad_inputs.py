@@ -260,7 +260,7 @@ def test_basicsr_train_stage2_missing_stage1_checkpoint(in_tmp, demo_data, capsy
 def test_basicsr_train_stage2_without_stage1_paths(in_tmp, demo_data, capsys):
     opt = tiny_options(demo_data, 'bad3', stage_file='demo_stage2.yml')
     for key in list(opt['path']):
-        if key.startswith('pretrain_network'):
+        if key.startswith(('pretrain_network', 'resume_optim')):
             opt['path'][key] = None
     path = write_options(in_tmp, opt)
     assert cli.basicsr_main(['train', '-opt', str(path)]) == 2
@@ -439,3 +439,17 @@ def test_compare_missing_and_invalid_options(tmp_path, capsys):
     bad.write_text('restorers: [unclosed\n')
     assert cli.tpdiff_main(['compare', '-opt', str(bad)]) == 2
     assert 'bad.yml' in one_line_error(capsys)
+
+
+def test_basicsr_train_stage2_with_a_missing_resume_optim_d(in_tmp, demo_data, capsys):
+    """A wrong path.resume_optim_d is one line naming the key, and nothing is created at that path."""
+    opt = tiny_options(demo_data, 'bad4', stage_file='demo_stage2.yml')
+    for key in list(opt['path']):
+        if key.startswith('pretrain_network'):
+            opt['path'][key] = None
+    missing = in_tmp / 'no_stage1' / 'training_states'
+    opt['path']['resume_optim_d'] = str(missing)
+    path = write_options(in_tmp, opt)
+    assert cli.basicsr_main(['train', '-opt', str(path)]) == 2
+    assert 'path.resume_optim_d: no such training state or folder' in one_line_error(capsys)
+    assert not missing.exists()

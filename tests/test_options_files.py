@@ -27,7 +27,10 @@ ABLATIONS = {  # part -> the dotted keys that may differ from tpdiff_stage2.yml 
 OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train.gan_opt', 'train.cycle_opt',
         'train.wave_opt', 'train.diff_opt', 'val.sample_seed', 'network_g', 'network_tpe', 'network_rb',
         'network_d_sharp', 'network_d_blur', 'network_d_wave', 'pretrain_network_tpe', 'pretrain_network_rb',
-        'wavelet', 'mode', 'optim_d', 'ema_decay')
+        'wavelet', 'mode', 'optim_d', 'ema_decay', 'identity_init', 'icnr_init', 'mem_ema_decay',
+        'train.sharp_cycle_prior', 'train.dm_target', 'resume_optim_d', 'train.cycle_sharp_opt',
+        'train.gan_sharp_opt', 'train.identity_opt', 'train.sharp_cycle_trains_rb', 'train.r1_weight',
+        'train.d_update_every')
 
 
 def load(path):
@@ -158,8 +161,12 @@ def test_stage2_networks_match_stage1(first, second):
     for key in nets:
         assert a[key] == b[key], key
     stage1_name = a['name']
-    for label in ('g', 'tpe', 'rb'):
+    # stage 2 starts from every stage-1 network, the discriminators too, and from their optimizer state
+    for label in ('g', 'tpe', 'rb', 'd_sharp', 'd_blur', 'd_wave'):
         assert b['path'][f'pretrain_network_{label}'] == f'experiments/{stage1_name}/models/net_{label}_latest.pth'
+    assert b['path']['resume_optim_d'] == f'experiments/{stage1_name}/training_states'
+    # the newest .state is the last iteration's, so the moments belong to the weights loaded
+    assert a['train']['total_iter'] % a['logger']['save_checkpoint_freq'] == 0
 
 
 @pytest.mark.parametrize('test_file', ['test_tpdiff_gopro.yml', 'test_tpdiff_hide.yml', 'test_tpdiff_realblur_j.yml',

@@ -48,7 +48,7 @@ def test_both_stages_resume_distribute_and_test(workspace, cli_runner):
     assert r.returncode == 0, r.stderr[-3000:]
     log1 = _log(s1)
     assert re.search(r'Resuming training from epoch: \d+, iter: 2', log1)
-    assert 'Validation prior: TPE memory from training sharp batch' in log1
+    assert 'Validation prior: TPE memory EMA of' in log1
     for label in ('g', 'tpe', 'rb', 'd_sharp', 'd_blur', 'd_wave'):
         assert (s1 / 'models' / f'net_{label}_latest.pth').is_file(), label
     losses = [float(v) for v in re.findall(r'l_cyc_blur: ([-+.\deE]+)', log1)]

@@ -13,12 +13,13 @@ from model_helpers import batch, build
 
 TINY_G = {'type': 'TPDiffNet', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
           'heads': [1, 1, 1, 1], 'ffn_expansion_factor': 2.0, 'prior_ch': 8, 'prior_scale': 4, 'prior_hidden': 4,
-          'dm_feats': 8, 'dm_blocks': 1, 'dm_cond_blocks': 1, 'dm_timesteps': 3}
+          'dm_feats': 8, 'dm_blocks': 1, 'dm_cond_blocks': 1, 'dm_timesteps': 3,
+          'identity_init': False}  # off, so that gradients reach every layer from the first step
 TINY_TPE = {'type': 'TexturePriorEncoder', 'prior_ch': 8, 'mem_slots': 16, 'prior_scale': 4, 'enc_ch': 4}
 
 
 def make_opt(root, stage=1, **train):
-    unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3}
+    unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3, 'identity_init': False}
     disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'n_layers': 2}
     opt = {
         'name': f'tpdiff_s{stage}', 'model_type': 'TPDiffModel', 'stage': stage, 'num_gpu': 0, 'dist': False,
@@ -65,6 +66,22 @@ def stage1_ckpt(tmp_path_factory):
     model.save(0, 2)
     models = os.path.join(root, 's1', 'models')
     return root, {label: os.path.join(models, f'net_{label}_2.pth') for label in ('g', 'tpe', 'rb')}
+
+
+def output_with_memory_ema(model, lq):
+    """DN (eval mode) on ``lq`` with the prior the TPE reads from its memory EMA."""
+    g, tpe = model.bare('g'), model.bare('tpe')
+    g.eval()
+    with torch.no_grad():
+        return g(lq, prior=tpe.read(lq, memory=tpe.memory_ema))
+
+
+def stage1_d_paths(stage1_ckpt):
+    """The stage-1 discriminators and training states of the ``stage1_ckpt`` run."""
+    root, _ = stage1_ckpt
+    models = os.path.join(root, 's1', 'models')
+    return ({label: os.path.join(models, f'net_{label}_2.pth') for label in ('d_sharp', 'd_blur', 'd_wave')},
+            os.path.join(root, 's1', 'training_states'))
 
 
 def stage2_opt(stage1_ckpt, **train):
@@ -116,7 +133,7 @@ def test_stage1_dn_gets_the_tpe_prior_from_blur_and_unpaired_sharp(tmp_path):
 
 
 def test_stage1_validation_uses_memory_from_the_last_training_sharp_batch(tmp_path, monkeypatch):
-    model = build(make_opt(str(tmp_path), stage=1))
+    model = build(make_opt(str(tmp_path), stage=1, dm_target='batch'))
     train = batch(4)
     model.feed_data(train)
     model.optimize_parameters(1)
@@ -297,7 +314,8 @@ def test_stage2_saves_every_network_and_resumes(stage1_ckpt):
         assert s1.keys() == s2.keys()
         assert all(torch.equal(s1[i]['exp_avg'], s2[i]['exp_avg']) for i in s1)
     assert all(torch.equal(a, b) for a, b in zip(model.pools['sharp'].images, fresh.pools['sharp'].images))
-    assert 'tpe_sharp_batch' not in state  # only stage-1 validation needs it
+    # the next iteration's sharp-cycle chunk reads a memory written from it
+    assert torch.equal(state['tpe_sharp_batch'], model.last_sharp)
 
 
 def test_stage1_resume_keeps_the_sharp_batch_for_validation(tmp_path):
@@ -333,7 +351,7 @@ def test_stage2_without_tpe_trains_the_dm_through_the_image_losses(stage1_ckpt):
     assert sum(g.abs().sum() for g in _dm_grads(model, l_total)) > 0
 
 
-def test_stage2_without_dm_uses_the_tpe_learned_memory(stage1_ckpt):
+def test_stage2_without_dm_uses_the_tpe_memory_ema(stage1_ckpt):
     opt = stage2_opt(stage1_ckpt)
     opt['network_g']['use_dm'] = False
     opt['path']['strict_load_g'] = False
@@ -345,9 +363,173 @@ def test_stage2_without_dm_uses_the_tpe_learned_memory(stage1_ckpt):
     lq = torch.rand(1, 3, 24, 24)
     model.feed_data({'lq': lq})
     model.test()
-    g = model.bare('g')
-    g.eval()
+    # sharp-free, as the stage-2 DM target
+    assert torch.allclose(model.output, output_with_memory_ema(model, lq), atol=1e-6)
+    assert 'w/o DM' in model.prior_description() and 'EMA' in model.prior_description()
+
+
+# ---------------------------------------------------------------------------------------------- issue 9
+def _record_writes(monkeypatch, tpe):
+    written = []
+    real_write = tpe.write
+    monkeypatch.setattr(tpe, 'write', lambda sharp: written.append(sharp) or real_write(sharp))
+    return written, real_write
+
+
+def test_sharp_cycle_reads_a_memory_written_from_another_sharp_batch(tmp_path, monkeypatch):
+    """No self-prior: RN(s) must not read a memory written from s itself (the textures DN must restore)."""
+    model = build(make_opt(str(tmp_path), stage=1))
+    assert model.sharp_cycle_prior == 'other_batch'
+    tpe = model.bare('tpe')
+    written, real_write = _record_writes(monkeypatch, tpe)
+    b1, b2 = batch(1), batch(2)
+    b1['ref'] = torch.zeros_like(b1['ref'])  # a sharp batch unlike the next one, so the two memories differ
+    model.feed_data(b1)
+    model.optimize_parameters(1)
+    assert len(written) == 1 and torch.equal(written[0], b1['ref'])  # RN(s1) read the learned memory
+    written.clear()
+    model.feed_data(b2)
+    model.optimize_parameters(2)
+    assert len(written) == 2 and torch.equal(written[0], b2['ref']) and torch.equal(written[1], b1['ref'])
+    # the DN output of the synthetic chunk is TPDiffNet on RN(s2) with the prior read from write(s1)
+    fake = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        expected = g(lq, prior=model.bare('tpe').read(lq))
-    assert torch.allclose(model.output, expected, atol=1e-6)
-    assert 'w/o DM' in model.prior_description()
+        out, _ = model.deblur_train(torch.cat([b2['lq'], fake]), b2['ref'])
+        expected = model.bare('g')(fake, prior=tpe.read(fake, real_write(model.other_sharp)))
+        self_prior = model.bare('g')(fake, prior=tpe.read(fake, real_write(b2['ref'])))
+    torch.testing.assert_close(out[2:], expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out[2:], self_prior, atol=1e-4)
+
+
+def test_own_batch_keeps_the_old_self_prior(tmp_path, monkeypatch):
+    model = build(make_opt(str(tmp_path), stage=1, sharp_cycle_prior='own_batch'))
+    written, _ = _record_writes(monkeypatch, model.bare('tpe'))
+    for it in (1, 2):
+        data = batch(it)
+        model.feed_data(data)
+        model.optimize_parameters(it)
+        assert torch.equal(written[-1], data['ref']) and len(written) == it
+    with pytest.raises(UserError, match='sharp_cycle_prior'):
+        build(make_opt(str(tmp_path), stage=1, sharp_cycle_prior='mine'))
+
+
+def test_tpe_memory_usage_is_logged(tmp_path):
+    model = build(make_opt(str(tmp_path), stage=1))
+    model.feed_data(batch(5, n=2, size=32))
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    # 2 images of 8x8 tokens read from 16 entries
+    assert 1 <= log['tpe_entries'] <= 16 and 1 <= log['tpe_perplexity'] <= log['tpe_entries'] + 1e-6
+    assert 'tpe_entries' not in [k for k in log if k.startswith('l_')]  # not a loss: not in l_g_total
+    assert log['l_g_total'] == pytest.approx(sum(v for k, v in log.items() if k.startswith(('l_g_', 'l_cyc'))
+                                                 and k != 'l_g_total'), rel=1e-5)
+
+
+def test_stage2_continues_with_the_stage1_discriminators_and_their_optimizer(stage1_ckpt):
+    d_paths, states = stage1_d_paths(stage1_ckpt)
+    opt = stage2_opt(stage1_ckpt, optim_d={'type': 'Adam', 'lr': 3e-4, 'betas': [0.5, 0.999]})
+    opt['path'].update({f'pretrain_network_{label}': path for label, path in d_paths.items()})
+    opt['path']['resume_optim_d'] = states  # the folder: its newest .state
+    model = build(opt)
+    for label, path in d_paths.items():
+        saved = torch.load(path, weights_only=True)['params']
+        assert all(torch.equal(v, model.bare(label).state_dict()[k]) for k, v in saved.items()), label
+    saved = torch.load(os.path.join(states, '2.state'), weights_only=True)['optimizers'][1]
+    loaded = model.optimizer_d.state_dict()
+    assert loaded['state'].keys() == saved['state'].keys() and len(saved['state']) > 0
+    assert all(torch.equal(loaded['state'][i]['exp_avg'], saved['state'][i]['exp_avg']) for i in saved['state'])
+    assert all(g['lr'] == 3e-4 for g in model.optimizer_d.param_groups)  # this run's hyper-parameters
+    model.feed_data(batch(60))
+    model.optimize_parameters(1)  # the moments continue: step counts go on from stage 1's
+    assert all(float(st['step']) == float(saved['state'][i]['step']) + 1
+               for i, st in model.optimizer_d.state_dict()['state'].items())
+    # fresh discriminators without the options
+    plain = build(stage2_opt(stage1_ckpt))
+    saved = torch.load(d_paths['d_sharp'], weights_only=True)['params']
+    assert not all(torch.equal(v, plain.bare('d_sharp').state_dict()[k]) for k, v in saved.items())
+    assert len(plain.optimizer_d.state_dict()['state']) == 0
+
+
+def test_resume_optim_d_maps_moments_by_discriminator(stage1_ckpt, tmp_path):
+    """A stage 2 without D_W (the w/o WaveLoss ablation) takes D_S's and D_B's moments from a 3-D state."""
+    _, states = stage1_d_paths(stage1_ckpt)
+    opt = stage2_opt(stage1_ckpt)
+    del opt['network_d_wave'], opt['train']['wave_opt']
+    opt['path']['resume_optim_d'] = os.path.join(states, '2.state')
+    model = build(opt)
+    state = torch.load(os.path.join(states, '2.state'), weights_only=True)
+    assert list(state['d_param_counts']) == ['d_sharp', 'd_blur', 'd_wave']
+    saved, loaded = state['optimizers'][1]['state'], model.optimizer_d.state_dict()['state']
+    n = state['d_param_counts']['d_sharp'] + state['d_param_counts']['d_blur']
+    assert len(loaded) == n and all(torch.equal(loaded[i]['exp_avg'], saved[i]['exp_avg']) for i in range(n))
+
+
+def test_resume_optim_d_errors_name_the_option(stage1_ckpt, tmp_path):
+    opt = stage2_opt(stage1_ckpt)
+    opt['path']['resume_optim_d'] = str(tmp_path)  # a folder without .state files
+    with pytest.raises(UserError, match='resume_optim_d.*no <iter>.state'):
+        build(opt)
+    _, states = stage1_d_paths(stage1_ckpt)
+    state = torch.load(os.path.join(states, '2.state'), weights_only=True)
+    state['d_param_counts'] = {k: v for k, v in state['d_param_counts'].items() if k != 'd_wave'}
+    n_keep = sum(state['d_param_counts'].values())
+    state['optimizers'][1]['param_groups'][0]['params'] = list(range(n_keep))
+    state['optimizers'][1]['state'] = {i: v for i, v in state['optimizers'][1]['state'].items() if i < n_keep}
+    torch.save(state, tmp_path / '5.state')  # a stage 1 that had no D_W
+    opt['path']['resume_optim_d'] = str(tmp_path / '5.state')
+    with pytest.raises(UserError, match='no optimizer state for d_wave'):
+        build(opt)
+
+
+def _diff_targets(model, monkeypatch, data):
+    captured = []
+    real = model.cri_diff
+    monkeypatch.setattr(model, 'cri_diff', lambda z_hat, z: captured.append(z) or real(z_hat, z))
+    model.feed_data(data)
+    with torch.no_grad():
+        model.generator_losses()
+    return captured[-1]
+
+
+@pytest.mark.parametrize('target', ['ema_memory', 'batch'])
+def test_stage2_dm_target_depends_on_the_sharp_batch_only_with_batch(stage1_ckpt, monkeypatch, target):
+    model = build(stage2_opt(stage1_ckpt, dm_target=target))
+    lq = torch.rand(2, 3, 32, 32)
+    a = _diff_targets(model, monkeypatch, {'lq': lq, 'ref': torch.rand(2, 3, 32, 32)})
+    b = _diff_targets(model, monkeypatch, {'lq': lq, 'ref': torch.rand(2, 3, 32, 32)})
+    tpe = model.bare('tpe')
+    if target == 'ema_memory':
+        assert torch.equal(a[:2], b[:2])  # the real blurry chunk's target is a function of lq alone
+        torch.testing.assert_close(a[:2], tpe.read(lq, memory=tpe.memory_ema))
+        assert int(tpe.memory_ema_updates) > 0  # stage 1 wrote it
+    else:
+        assert not torch.allclose(a[:2], b[:2])
+
+
+def test_stage1_validation_reads_the_memory_ema_by_default(tmp_path):
+    model = build(make_opt(str(tmp_path), stage=1))
+    for it in (1, 2):
+        model.feed_data(batch(it))
+        model.optimize_parameters(it)
+    tpe = model.bare('tpe')
+    assert int(tpe.memory_ema_updates) == 3  # s1; s2 and s1 again for the sharp-cycle chunk
+    assert 'EMA of 3 training writes' in model.prior_description()
+    lq = torch.rand(1, 3, 24, 24)
+    model.feed_data({'lq': lq})
+    model.test()
+    torch.testing.assert_close(model.output, output_with_memory_ema(model, lq))
+
+
+def test_default_networks_start_as_the_identity_in_training(tmp_path):
+    """With the class defaults (identity_init) an untrained DN and RN return their inputs exactly."""
+    opt = make_opt(str(tmp_path), stage=1)
+    for key in ('network_g', 'network_rb'):
+        del opt[key]['identity_init']
+    model = build(opt)
+    x = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(model.bare('rb')(x), x)
+        assert torch.equal(model.bare('g')(x, prior=model.bare('tpe')(x, x)), x)
+    model.feed_data({'lq': x})
+    model.test()
+    assert torch.equal(model.output, x)

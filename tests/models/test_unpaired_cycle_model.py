@@ -19,7 +19,8 @@ LABELS = ('g', 'rb', 'd_sharp', 'd_blur', 'd_wave')
 
 
 def make_opt(tmp_path=None, wave=True, pool_size=4, **train):
-    unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3}
+    # identity_init off: the tests follow gradients into every layer from the first step
+    unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3, 'identity_init': False}
     disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'n_layers': 2, 'norm': 'spectral'}
     root = str(tmp_path or '/nonexistent')
     opt = {
@@ -293,3 +294,110 @@ def test_ema_copy_is_saved_and_used_for_validation(tmp_path):
     saved = torch.load(os.path.join(opt['path']['models'], 'net_g_1.pth'), weights_only=True)
     assert set(saved) == {'params', 'params_ema'}
     assert _states_equal(saved['params_ema'], model.net_g_ema.state_dict())
+
+
+# ------------------------------------------------------------------ training options beyond the paper's
+def _grad_norm(loss, params):
+    grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+    return sum(0 if g is None else g.abs().sum().item() for g in grads)
+
+
+def test_identity_loss_runs_dn_on_the_sharp_batch():
+    model = build(make_opt(identity_opt={'type': 'L1Loss', 'loss_weight': 0.5}))
+    data = batch(11)
+    model.feed_data(data)
+    seen = []
+    model.bare('g').register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+    model._set_d_requires_grad(False)
+    _, losses = model.generator_losses()
+    dn_in, dn_out = seen[0]
+    assert dn_in.shape[0] == 6 and torch.equal(dn_in[4:], data['ref'])  # chunks: b, RN(s), s
+    assert losses['l_idt'].item() == pytest.approx(0.5 * (dn_out[4:] - data['ref']).abs().mean().item(), rel=1e-5)
+    assert losses['l_g_total'].item() == pytest.approx(sum(v.item() for k, v in losses.items() if k != 'l_g_total'),
+                                                       rel=1e-5)
+    assert _grad_norm(losses['l_idt'], model.bare('g').parameters()) > 0
+    assert _grad_norm(losses['l_idt'], model.bare('rb').parameters()) == 0
+
+
+def test_sharp_cycle_weight_and_its_gradient_to_rb():
+    data = batch(12)
+    logs = {}
+    for trains_rb in (True, False):
+        opt = make_opt(cycle_sharp_opt={'type': 'L1Loss', 'loss_weight': 2.0}, sharp_cycle_trains_rb=trains_rb)
+        model = build(opt, seed=1)
+        model.feed_data(data)
+        model._set_d_requires_grad(False)
+        _, losses = model.generator_losses()
+        rb_grad = _grad_norm(losses['l_cyc_sharp'], model.bare('rb').parameters())
+        assert (rb_grad > 0) == trains_rb  # false: the sharp cycle trains DN only
+        assert _grad_norm(losses['l_cyc_sharp'], model.bare('g').parameters()) > 0
+        logs[trains_rb] = {k: v.item() for k, v in losses.items()}
+    assert logs[True] == pytest.approx(logs[False], rel=1e-6)  # the values are the same, only the gradient differs
+    base = build(make_opt(), seed=1)
+    base.feed_data(data)
+    with torch.no_grad():
+        _, plain = base.generator_losses()
+    assert logs[True]['l_cyc_sharp'] == pytest.approx(20 * plain['l_cyc_sharp'].item(), rel=1e-5)  # 2.0 vs 0.1
+    assert logs[True]['l_cyc_blur'] == pytest.approx(plain['l_cyc_blur'].item(), rel=1e-5)
+
+
+def test_r1_penalty_is_the_squared_gradient_of_d_on_real_images():
+    model = build(make_opt(r1_weight=10.0))
+    data = batch(13)
+    model.feed_data(data)
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    assert log['l_d_r1'] > 0
+    assert log['l_d_total'] == pytest.approx(0.5 * sum(log[k] for k in D_TERMS) + log['l_d_r1'], rel=1e-5)
+    # a reference: gamma/2 * sum over the Ds of the mean over images of |dD(x)/dx|^2 on their real inputs
+    # (eval mode: spectral norm's power iteration does not move between the two computations)
+    for label in ('d_sharp', 'd_blur', 'd_wave'):
+        model.bare(label).eval()
+    expected = 0
+    reals = (('d_sharp', data['ref']), ('d_blur', data['lq']), ('d_wave', model.cri_wave.highpass(data['ref'])))
+    for label, x in reals:
+        x = x.clone().requires_grad_(True)
+        g, = torch.autograd.grad(model.bare(label)(x).sum(), x)
+        expected += 5.0 * g.square().sum(dim=(1, 2, 3)).mean().item()
+    penalty = model.r1_penalty()
+    assert penalty.item() == pytest.approx(expected, rel=1e-5)
+    assert _grad_norm(penalty, model.bare('d_blur').parameters()) > 0  # it trains D (double backward)
+    with pytest.raises(UserError, match='r1_weight'):
+        build(make_opt(r1_weight=-1))
+
+
+def test_d_update_every_skips_the_discriminator_steps_in_between():
+    model = build(make_opt(d_update_every=2))
+    d = model.bare('d_sharp')
+    history = []
+    for it in (1, 2, 3):
+        before = snapshot_params(d)
+        model.feed_data(batch(20 + it))
+        model.optimize_parameters(it)
+        history.append(any(not torch.equal(before[k], v) for k, v in d.named_parameters()))
+        log = model.get_current_log()
+        assert ('l_d_total' in log) == (it != 2)
+    assert history == [True, False, True]
+    with pytest.raises(UserError, match='d_update_every'):
+        build(make_opt(d_update_every=0))
+
+
+def snapshot_params(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_r1_weight_per_discriminator():
+    """A mapping weighs each D's R1 term; Ds not named get none (the demo recipe spares D_B)."""
+    model = build(make_opt(r1_weight={'d_sharp': 2.0, 'd_wave': 0}))
+    assert model.r1_weights == {'d_sharp': 2.0}
+    data = batch(14)
+    model.feed_data(data)
+    model.bare('d_sharp').eval()
+    x = data['ref'].clone().requires_grad_(True)
+    g, = torch.autograd.grad(model.bare('d_sharp')(x).sum(), x)
+    assert model.r1_penalty().item() == pytest.approx(1.0 * g.square().sum(dim=(1, 2, 3)).mean().item(), rel=1e-5)
+    assert _grad_norm(model.r1_penalty(), model.bare('d_blur').parameters()) == 0
+    with pytest.raises(UserError, match="unknown discriminator 'd_sharpp'"):
+        build(make_opt(r1_weight={'d_sharpp': 1.0}))
+    with pytest.raises(UserError, match='r1_weight'):
+        build(make_opt(r1_weight={'d_blur': 'strong'}))

@@ -17,8 +17,25 @@ gradient, no optimizer, bit-identical) and trains the DM jointly with DN and RN:
 Validation runs the inference path ``net_g(b)``: the DM samples the prior from noise (seeded per image
 by ``val.sample_seed``, default 0, so validations are comparable).
 
-The sharp cycle's DN pass (on RN(s)) gets its prior the same way as the blurry batch's (one batched
-pass), so in stage 2 L_diff covers both halves.
+Priors of the chunks DN sees (the real blurry batch b, then RN(s), then s with the identity loss): b reads
+a TPE memory written from the unpaired sharp batch s. The other chunks are made from s, so a memory written
+from s would hand DN the very textures it must restore (a self-prior that makes the sharp cycle trivial):
+with ``train.sharp_cycle_prior: other_batch`` (default) they read a memory written from the previous
+iteration's sharp batch (the learned memory at the first iteration); ``own_batch`` is the old behaviour,
+kept for comparison. In stage 2, L_diff covers every chunk.
+
+DM target (stage 2, ``train.dm_target``): ``batch`` is z = TPE(b, s), which depends on the random sharp
+batch, something the DM cannot predict from b. ``ema_memory`` (default) reads the TPE's ``memory_ema``, the
+moving average of the memories written through stage 1, so the target is a function of b alone. Stage-1
+validation, and the w/o-DM ablation, read the same memory as the stage-2 target.
+
+TPE memory usage is logged at ``print_freq`` (and to tensorboard) as ``tpe_entries`` (distinct entries
+read by the real blurry batch) and ``tpe_perplexity``; a value near 1 means a collapsed memory.
+
+Stage 2 continues stage 1's game: the stage-2 options load the stage-1 discriminators
+(``path.pretrain_network_d_sharp / _d_blur / _d_wave``) and, with ``path.resume_optim_d`` (a stage-1
+``.state`` file, or its ``training_states`` folder for the newest one), the discriminators' Adam moments,
+so that a trained generator does not face fresh discriminators.
 
 Ablation switches of stage 2 (see options/README.md): ``network_g.use_dm: false`` (no DM: the prior
 comes from the frozen TPE reading its learned memory, which needs no sharp image, in training and at
@@ -26,6 +43,7 @@ inference), ``train.use_tpe: false`` (no TPE: the DM is trained by the image los
 sampling path, no L_diff), ``train.joint_train: false``, ``train.wave_opt.loss_weight: 0``, and the
 architecture switches ``network_g.fm_msa`` / ``multi_scale_prior``.
 """
+import os
 from collections import OrderedDict
 
 import torch
@@ -34,6 +52,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from tpdiff_plugin import compat
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.errors import UserError
 
@@ -50,9 +69,16 @@ class TPDiffModel(UnpairedCycleModel):
         train_opt = opt.get('train') or {}
         self.joint_train = bool(train_opt.get('joint_train', True))
         self.use_tpe = bool(train_opt.get('use_tpe', True))
+        self.sharp_cycle_prior = train_opt.get('sharp_cycle_prior', 'other_batch')
+        if self.sharp_cycle_prior not in ('other_batch', 'own_batch'):
+            raise UserError(f'train.sharp_cycle_prior: must be other_batch or own_batch, got {self.sharp_cycle_prior!r}')
+        self.dm_target = train_opt.get('dm_target', 'ema_memory')
+        if self.dm_target not in ('ema_memory', 'batch'):
+            raise UserError(f'train.dm_target: must be ema_memory or batch, got {self.dm_target!r}')
         if stage == 1 and not self.use_tpe:
             raise UserError('train.use_tpe: false is a stage-2 ablation; stage 1 trains the TPE')
         self.last_sharp = None  # most recent training sharp batch (stage-1 validation writes the memory from it)
+        self.other_sharp = None  # the one before: the sharp-cycle chunks read a memory written from it
         super().__init__(opt)
 
     # ------------------------------------------------------------------ networks
@@ -90,25 +116,98 @@ class TPDiffModel(UnpairedCycleModel):
         if self.stage == 2 and self.has_dm and self.use_tpe:
             diff_opt = self.opt['train'].get('diff_opt') or {'type': 'L1Loss', 'loss_weight': 1.0}
             self.cri_diff = build_loss(diff_opt).to(self.device)
+        optim_path = (self.opt.get('path') or {}).get('resume_optim_d')
+        if optim_path:
+            self.load_optimizer_d(optim_path)
+
+    def load_optimizer_d(self, path):
+        """Load the discriminators' optimizer state (Adam moments and step counts) from a stage-1 ``.state``
+        file, or the newest one in a ``training_states`` folder. The hyper-parameters (lr, betas) stay this
+        run's. Each D of this run takes the moments saved for the D of the same label (a run without D_W
+        takes D_S's and D_B's); parameter shapes are checked."""
+        if os.path.isdir(path):
+            states = [f for f in os.listdir(path) if f.endswith('.state') and f[:-6].isdigit()]
+            if not states:
+                raise UserError(f'path.resume_optim_d: no <iter>.state file in {path}')
+            path = os.path.join(path, max(states, key=lambda f: int(f[:-6])))
+        if not os.path.isfile(path):
+            raise UserError(f'path.resume_optim_d: no such training state: {path}')
+        state = compat.read_checkpoint(path, 'path.resume_optim_d')
+        optimizers = state.get('optimizers') if isinstance(state, dict) else None
+        if not isinstance(optimizers, list) or len(optimizers) != 2:
+            raise UserError(f'path.resume_optim_d: {path} is not a training state of this model (no G and D '
+                            'optimizers)')
+        saved = optimizers[1]
+        params = [p for group in self.optimizer_d.param_groups for p in group['params']]
+        n_saved = sum(len(g['params']) for g in saved['param_groups'])
+        counts = state.get('d_param_counts') or {}  # label -> number of parameter tensors, in optimizer order
+        if counts and sum(counts.values()) == n_saved:
+            starts, start = {}, 0
+            for label, n in counts.items():
+                starts[label], start = start, start + n
+            missing = [label for label in self.discriminator_labels if label not in counts]
+            if missing:
+                raise UserError(f'path.resume_optim_d: {path} holds no optimizer state for {", ".join(missing)} '
+                                f'(it has {", ".join(counts)})')
+            index = [starts[label] + i for label in self.discriminator_labels
+                     for i in range(len(list(self.bare(label).parameters())))]
+        else:  # a state without the labels: the same discriminators in the same order
+            index = list(range(n_saved)) if n_saved == len(params) else []
+        moments = {i: saved['state'][j] for i, j in enumerate(index) if j in saved['state']}
+        if len(index) != len(params) or any(v.shape != params[i].shape for i, st in moments.items()
+                                            for k, v in st.items() if k.startswith('exp_avg')):
+            raise UserError(f'path.resume_optim_d: {path} holds the optimizer of other discriminators '
+                            f'({n_saved} tensors; this run has {len(params)} in {", ".join(self.discriminator_labels)})')
+        current = self.optimizer_d.state_dict()
+        current['state'] = moments
+        self.optimizer_d.load_state_dict(current)
+        get_root_logger().info(f'Loaded the optimizer state of {", ".join(self.discriminator_labels)} from {path}.')
 
     # ------------------------------------------------------------------ training
     def optimize_parameters(self, current_iter):
+        self.other_sharp = self.last_sharp
         self.last_sharp = self.ref.detach()
         super().optimize_parameters(current_iter)
 
+    def _memory_sources(self, blur, sharp):
+        """The TPE's ``sharp`` argument for ``blur`` (k chunks): see the module docstring."""
+        if self.sharp_cycle_prior == 'own_batch':
+            return sharp
+        return [sharp] + [self.other_sharp] * (blur.shape[0] // sharp.shape[0] - 1)
+
+    def inference_memory(self):
+        """The memory stage-1 validation and the w/o-DM ablation read (None: the learned memory)."""
+        tpe = self.bare('tpe')
+        if self.dm_target == 'ema_memory' and int(tpe.memory_ema_updates) > 0:
+            return tpe.memory_ema
+        if self.stage == 1 and self.last_sharp is not None:
+            return tpe.write(self.last_sharp)
+        return None
+
+    def _log_usage(self, index, n):
+        entries, perplexity = self.bare('tpe').usage(index[:n])
+        self.train_stats['tpe_entries'] = entries
+        self.train_stats['tpe_perplexity'] = perplexity
+
     def deblur_train(self, blur, sharp):
         extra = OrderedDict()
+        n = sharp.shape[0]
         if self.stage == 1:
-            z = self.net_tpe(blur, sharp)  # through the (DDP) wrapper: the TPE trains with G
+            # through the (DDP) wrapper: the TPE trains with G
+            z, index = self.net_tpe(blur, self._memory_sources(blur, sharp), return_index=True)
+            self._log_usage(index, n)
             return self.net_g(blur, prior=z), extra
         if not self.use_tpe:  # w/o TPE: the DM is trained through the image losses only
             return self.net_g(blur), extra
-        if not self.has_dm:  # w/o DM: learned-memory prior, the same at inference
-            with torch.no_grad():
-                z = self.net_tpe.read(blur)
-            return self.net_g(blur, prior=z), extra
+        tpe = self.net_tpe  # frozen: the bare module
         with torch.no_grad():
-            z = self.net_tpe(blur, sharp)
+            if not self.has_dm or self.dm_target == 'ema_memory':
+                z, index = tpe.read(blur, memory=self.inference_memory(), return_index=True)
+            else:
+                z, index = tpe(blur, self._memory_sources(blur, sharp), return_index=True)
+        self._log_usage(index, n)
+        if not self.has_dm:  # w/o DM: the TPE's sharp-free prior, the same at inference
+            return self.net_g(blur, prior=z), extra
         out, z_hat = self.net_g(blur, prior_target=z, return_prior=True, detach_prior=not self.joint_train)
         extra['l_diff'] = self.cri_diff(z_hat, z)
         return out, extra
@@ -118,22 +217,19 @@ class TPDiffModel(UnpairedCycleModel):
         """Which prior path validation/test runs (logged before every validation)."""
         if self.stage == 2 and self.has_dm:
             return f'DM sampling (T={self.bare("g").dm.timesteps})'
+        suffix = '' if self.stage == 1 else ' (w/o DM)'
+        if self.dm_target == 'ema_memory' and int(self.bare('tpe').memory_ema_updates) > 0:
+            return f'TPE memory EMA of {int(self.bare("tpe").memory_ema_updates)} training writes{suffix}'
         if self.stage == 1 and self.last_sharp is not None:
             return f'TPE memory from training sharp batch ({self.last_sharp.shape[0]} images)'
-        if self.stage == 1:
-            return 'TPE learned memory without sharp enhancement (no training sharp batch seen)'
-        return 'TPE learned memory without sharp enhancement (w/o DM)'
+        return f'TPE learned memory without sharp enhancement{suffix}'
 
     def deblur_test(self, net_g, lq):
         if self.stage == 2 and self.has_dm:
             seed = (self.opt.get('val') or {}).get('sample_seed', 0)
             generator = None if seed is None else torch.Generator().manual_seed(int(seed))
             return net_g(lq, generator=generator)
-        tpe = self.bare('tpe')
-        memory = None
-        if self.stage == 1 and self.last_sharp is not None:
-            memory = tpe.write(self.last_sharp)
-        return net_g(lq, prior=tpe.read(lq, memory=memory))
+        return net_g(lq, prior=self.bare('tpe').read(lq, memory=self.inference_memory()))
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         get_root_logger().info(f'Validation prior: {self.prior_description()}')
@@ -142,7 +238,7 @@ class TPDiffModel(UnpairedCycleModel):
     # ------------------------------------------------------------------ resume
     def extra_training_state(self):
         state = super().extra_training_state()
-        if self.stage == 1 and self.last_sharp is not None:  # stage-1 validation writes the memory from it
+        if self.last_sharp is not None:  # the next iteration's sharp-cycle memory (and stage-1 validation's)
             state['tpe_sharp_batch'] = self.last_sharp.cpu()
         return state
 

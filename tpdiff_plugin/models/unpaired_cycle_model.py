@@ -8,15 +8,31 @@ Networks (options ``network_<label>``; checkpoints ``net_<label>_<iter>.pth``):
 
 One iteration (batch: ``lq`` = blurry b, ``ref`` = an unpaired sharp s):
   G step (``optim_g``: DN + RN, D frozen)
-    b~ = RN(s);  [s^, s~~] = DN([b, b~]);  b^^ = RN(s^)
+    b~ = RN(s);  [s^, s~~(, s=)] = DN([b, b~(, s)]);  b^^ = RN(s^)
     l_g_gan_sharp = GAN(D_S(s^), real)      l_g_gan_blur = GAN(D_B(b~), real)
     l_cyc_blur = L1(b^^, b)                 l_cyc_sharp = L1(s~~, s)
     l_g_wave = WaveGAN(D_W(Phi(s^)), real)  (+ subclass terms, e.g. l_diff)
+    l_idt = L1(s=, s)                       (only with ``train.identity_opt``)
     l_g_total = sum of the above; every term already carries its ``loss_weight`` (basicsr convention),
     so the paper's 1 GAN + 0.1 CYC + 0.2 Wave are the ``loss_weight`` of gan_opt / cycle_opt / wave_opt.
-  D step (``optim_d``: every D)
+  D step (``optim_d``: every D; every ``train.d_update_every``-th iteration)
     fakes pass through the history pools (``train.pool_size``, CycleGAN's 50; 0 = off), then
-    l_d_<d>_real / l_d_<d>_fake = GAN(D(real), real) / GAN(D(fake), fake); l_d_total = half their sum.
+    l_d_<d>_real / l_d_<d>_fake = GAN(D(real), real) / GAN(D(fake), fake); l_d_total = half their sum
+    (+ l_d_r1 with ``train.r1_weight``).
+
+Training options beyond the paper's losses (all off by default, so the paper options train the paper's
+objective; the demo recipe and ``bench/quality.py`` use them):
+  cycle_sharp_opt        its own loss for the sharp cycle s -> RN -> DN (default: ``cycle_opt``). That
+                         cycle is the supervised signal DN gets from RN's synthetic pairs (b~, s).
+  gan_sharp_opt          its own GAN loss for D_S, i.e. DN's adversarial term l_g_gan_sharp (default:
+                         ``gan_opt``, which then serves D_B / RN only).
+  sharp_cycle_trains_rb  false: DN's input b~ in the sharp cycle is detached, so that cycle trains DN only
+                         and RN cannot make its blur easier to undo instead of more realistic (default true).
+  identity_opt           L1 on DN(s) against s: a sharp image should pass DN unchanged (CycleGAN's identity
+                         loss), which keeps colours and flat regions; DN sees a third chunk, s.
+  r1_weight              gamma of the R1 penalty (gamma/2 E|grad_x D(x)|^2 on real images): one number for
+                         every D, or a mapping ``{d_sharp: 1, d_wave: 1}`` (Ds not named: 0).
+  d_update_every         update the discriminators every k-th iteration only (default 1).
 
 Numerical guard: when any G or D loss term is NaN/Inf the iteration changes nothing (no optimizer step,
 no history-pool push, no EMA update; a bad D loss after a good G step skips only the D step), the bad
@@ -239,6 +255,21 @@ class UnpairedCycleModel(SRModel):
         if self.cri_wave is not None and not hasattr(self.cri_wave, 'highpass'):
             raise UserError('train.wave_opt.type must be WaveletGANLoss (a GAN loss with a wavelet highpass)')
 
+        # None: the shared gan_opt / cycle_opt loss serves (looked up at use, see gan_sharp / cycle_sharp)
+        self.cri_gan_sharp = build_loss(train_opt['gan_sharp_opt']).to(self.device) \
+            if train_opt.get('gan_sharp_opt') else None
+        self.cri_cycle_sharp = build_loss(train_opt['cycle_sharp_opt']).to(self.device) \
+            if train_opt.get('cycle_sharp_opt') else None
+        self.cri_identity = build_loss(train_opt['identity_opt']).to(self.device) if train_opt.get('identity_opt') \
+            else None
+        self.sharp_cycle_trains_rb = bool(train_opt.get('sharp_cycle_trains_rb', True))
+        self.r1_weights = self._r1_weights(train_opt.get('r1_weight', 0))
+        self.d_update_every = train_opt.get('d_update_every', 1)
+        if isinstance(self.d_update_every, bool) or not isinstance(self.d_update_every, int) \
+                or self.d_update_every < 1:
+            raise UserError(f'train.d_update_every: must be a positive integer, got {self.d_update_every!r}')
+        self.train_stats = OrderedDict()  # logged with the losses (not summed into them), e.g. TPE memory usage
+
         max_bad = train_opt.get('max_bad_iters', 10)
         if isinstance(max_bad, bool) or not isinstance(max_bad, int) or max_bad < 1:
             raise UserError(f'train.max_bad_iters: must be a positive integer, got {max_bad!r}')
@@ -250,6 +281,23 @@ class UnpairedCycleModel(SRModel):
 
         self.setup_optimizers()
         self.setup_schedulers()
+
+    def _r1_weights(self, value):
+        """``train.r1_weight`` as ``{D label: gamma > 0}``."""
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(self.D_LABELS))
+            if unknown:
+                raise UserError(f'train.r1_weight: unknown discriminator {unknown[0]!r} (known: {", ".join(self.D_LABELS)})')
+            weights = value
+        else:
+            weights = {label: value for label in self.discriminator_labels}
+        out = {}
+        for label, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise UserError(f'train.r1_weight: must be a number >= 0 (or a mapping of them), got {w!r}')
+            if w > 0 and label in self.discriminator_labels:
+                out[label] = float(w)
+        return out
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         """Any ``torch.optim`` class by name (upstream 1.4.2 accepts only Adam)."""
@@ -303,7 +351,10 @@ class UnpairedCycleModel(SRModel):
 
     # ------------------------------------------------------------------ one iteration
     def deblur_train(self, blur, sharp):
-        """DN on a blurry batch during training -> (sharp estimate, extra generator losses). Hook for subclasses."""
+        """DN during training -> (sharp estimates, extra generator losses). Hook for subclasses.
+
+        ``blur`` is k equal chunks along the batch dim: the real blurry batch first, then images made from
+        the unpaired sharp batch ``sharp`` (RN(s), and s itself with the identity loss)."""
         return self.net_g(blur), OrderedDict()
 
     def generator_losses(self):
@@ -311,18 +362,25 @@ class UnpairedCycleModel(SRModel):
         b, s = self.lq, self.ref
         if b.shape[0] != s.shape[0]:
             raise ValueError(f'blurry and sharp batches differ in size: {b.shape[0]} vs {s.shape[0]}')
+        n = b.shape[0]
         fake_b = self.net_rb(s)
-        out, extra = self.deblur_train(torch.cat([b, fake_b]), s)  # one DN pass for real and fake blur
-        fake_s, rec_s = out[:b.shape[0]], out[b.shape[0]:]
+        chunks = [b, fake_b if self.sharp_cycle_trains_rb else fake_b.detach()]
+        if self.cri_identity is not None:
+            chunks.append(s)
+        out, extra = self.deblur_train(torch.cat(chunks), s)  # one DN pass for all chunks
+        fake_s, rec_s = out[:n], out[n:2 * n]
         rec_b = self.net_rb(fake_s)
         self.fake_s, self.fake_b = fake_s.detach(), fake_b.detach()
 
         losses = OrderedDict()
         # discriminators are frozen here; their bare modules keep DDP's reducer out of the G step
-        losses['l_g_gan_sharp'] = self.cri_gan(self.bare('d_sharp')(fake_s), True, is_disc=False)
+        losses['l_g_gan_sharp'] = (self.cri_gan_sharp or self.cri_gan)(self.bare('d_sharp')(fake_s), True,
+                                                                        is_disc=False)
         losses['l_g_gan_blur'] = self.cri_gan(self.bare('d_blur')(fake_b), True, is_disc=False)
         losses['l_cyc_blur'] = self.cri_cycle(rec_b, b)
-        losses['l_cyc_sharp'] = self.cri_cycle(rec_s, s)
+        losses['l_cyc_sharp'] = (self.cri_cycle_sharp or self.cri_cycle)(rec_s, s)
+        if self.cri_identity is not None:
+            losses['l_idt'] = self.cri_identity(out[2 * n:], s)
         if self.use_wave:
             losses['l_g_wave'] = self.cri_wave(self.bare('d_wave')(self.cri_wave.highpass(fake_s)), True,
                                                is_disc=False)
@@ -331,25 +389,43 @@ class UnpairedCycleModel(SRModel):
         losses['l_g_total'] = l_total
         return l_total, losses
 
-    def _d_pair(self, label, real, fake):
+    def _d_pair(self, label, real, fake, criterion):
         pred_real, pred_fake = self.net(label)(torch.cat([real, fake])).chunk(2)  # one (DDP) forward
-        return (self.cri_gan(pred_real, True, is_disc=True), self.cri_gan(pred_fake, False, is_disc=True))
+        return criterion(pred_real, True, is_disc=True), criterion(pred_fake, False, is_disc=True)
 
     def discriminator_losses(self):
         """Returns ``(l_d_total, OrderedDict)``; uses the fakes of the last ``generator_losses`` call."""
         losses = OrderedDict()
         fake_s = self.pools['sharp'].query(self.fake_s)
         fake_b = self.pools['blur'].query(self.fake_b)
-        losses['l_d_sharp_real'], losses['l_d_sharp_fake'] = self._d_pair('d_sharp', self.ref, fake_s)
-        losses['l_d_blur_real'], losses['l_d_blur_fake'] = self._d_pair('d_blur', self.lq, fake_b)
+        losses['l_d_sharp_real'], losses['l_d_sharp_fake'] = self._d_pair('d_sharp', self.ref, fake_s,
+                                                                          self.cri_gan_sharp or self.cri_gan)
+        losses['l_d_blur_real'], losses['l_d_blur_fake'] = self._d_pair('d_blur', self.lq, fake_b, self.cri_gan)
         if self.use_wave:
             hp = self.cri_wave.highpass
             pred_real, pred_fake = self.net_d_wave(torch.cat([hp(self.ref), hp(fake_s)])).chunk(2)
             losses['l_d_wave_real'] = self.cri_wave(pred_real, True, is_disc=True)
             losses['l_d_wave_fake'] = self.cri_wave(pred_fake, False, is_disc=True)
         l_total = 0.5 * sum(losses.values())
+        if self.r1_weights:
+            losses['l_d_r1'] = self.r1_penalty()
+            l_total = l_total + losses['l_d_r1']
         losses['l_d_total'] = l_total
         return l_total, losses
+
+    def r1_penalty(self):
+        """R1 (Mescheder et al. 2018): ``gamma / 2 * E[|grad_x D(x)|^2]`` on the real images of each D with a
+        weight, summed over them. Differentiable in D's parameters (double backward)."""
+        reals = {'d_sharp': self.ref, 'd_blur': self.lq}
+        if self.use_wave:
+            reals['d_wave'] = self.cri_wave.highpass(self.ref)
+        total = 0
+        for label, gamma in self.r1_weights.items():
+            real = reals[label].detach().requires_grad_(True)
+            pred = self.bare(label)(real)  # bare: the double backward stays outside DDP's reducer
+            grad, = torch.autograd.grad(pred.sum(), real, create_graph=True)
+            total = total + 0.5 * gamma * grad.square().sum(dim=(1, 2, 3)).mean()
+        return total
 
     def _set_d_requires_grad(self, flag):
         for label in self.discriminator_labels:
@@ -390,6 +466,13 @@ class UnpairedCycleModel(SRModel):
             return
         l_g_total.backward()
         self.optimizer_g.step()
+        if (current_iter - 1) % self.d_update_every:  # no D update this iteration
+            self.log_dict = self.reduce_loss_dict(g_losses)
+            self.log_dict.update(self.train_stats)
+            self.bad_iters = 0
+            if self.ema_decay > 0:
+                self.model_ema(decay=self.ema_decay)
+            return
         # discriminator step
         self._set_d_requires_grad(True)
         self.optimizer_d.zero_grad(set_to_none=True)
@@ -397,6 +480,7 @@ class UnpairedCycleModel(SRModel):
         l_d_total, d_losses = self.discriminator_losses()
         g_losses.update(d_losses)
         self.log_dict = self.reduce_loss_dict(g_losses)
+        self.log_dict.update(self.train_stats)
         bad = self._bad_terms(d_losses)
         if bad:
             for k, images in pools.items():
@@ -437,8 +521,12 @@ class UnpairedCycleModel(SRModel):
 
     def extra_training_state(self):
         """Merged into the ``.state`` file by ``compat`` (alongside optimizers and schedulers): the history
-        pools, the count of bad iterations in a row and the RNG streams (python, numpy, torch)."""
-        state = {'rng_states': compat.get_rng_states(), 'bad_iters': getattr(self, 'bad_iters', 0)}
+        pools, the count of bad iterations in a row, the RNG streams (python, numpy, torch) and the number of
+        parameter tensors of each discriminator in ``optim_d`` (``d_param_counts``)."""
+        state = {'rng_states': compat.get_rng_states(), 'bad_iters': getattr(self, 'bad_iters', 0),
+                 # which D owns which of optim_d's tensors, so that a later run can take over their moments
+                 'd_param_counts': {label: len(list(self.bare(label).parameters()))
+                                    for label in self.discriminator_labels}}
         pools = getattr(self, 'pools', None)
         if pools:
             state['image_pools'] = {k: p.state_dict() for k, p in pools.items()}

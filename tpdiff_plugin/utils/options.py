@@ -67,6 +67,10 @@ def validate_paths(opt, source):
         for key, value in paths.items():
             if key.startswith('pretrain_network') and isinstance(value, str) and not os.path.isfile(value):
                 raise UserError(f'{source}: path.{key}: no such checkpoint: {value}')
+        # after the networks: a missing stage-1 run is reported by its networks first
+        value = paths.get('resume_optim_d')
+        if isinstance(value, str) and not os.path.exists(value):
+            raise UserError(f'{source}: path.resume_optim_d: no such training state or folder: {value}')
 
 
 OWN_MODELS = ('TPDiffModel', 'UnpairedCycleModel')
@@ -76,11 +80,13 @@ TOP_KEYS = {'name', 'model_type', 'stage', 'num_gpu', 'scale', 'manual_seed', 'i
             'find_unused_parameters', 'use_static_graph', 'root_path', 'debug', 'suffix'}
 NETWORK_LABELS = ('g', 'rb', 'tpe', 'd_sharp', 'd_blur', 'd_wave')
 TRAIN_KEYS = {'optim_g', 'optim_d', 'scheduler', 'total_iter', 'warmup_iter', 'pool_size', 'gan_opt', 'cycle_opt',
-              'wave_opt', 'diff_opt', 'ema_decay', 'joint_train', 'use_tpe', 'max_bad_iters'}
+              'wave_opt', 'diff_opt', 'ema_decay', 'joint_train', 'use_tpe', 'max_bad_iters', 'cycle_sharp_opt',
+              'identity_opt', 'sharp_cycle_trains_rb', 'r1_weight', 'd_update_every', 'sharp_cycle_prior',
+              'dm_target', 'gan_sharp_opt'}
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'sample_seed', 'pbar', 'rgb2bgr', 'use_image'}
 LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'}
 PATH_KEYS = {'resume_state', 'ignore_resume_networks', 'root', 'experiments_root', 'models', 'training_states',
-             'log', 'visualization', 'results_root'}
+             'log', 'visualization', 'results_root', 'resume_optim_d'}
 PATH_PREFIXES = ('pretrain_network_', 'strict_load_', 'param_key_')
 UNPAIRED_DATASET_KEYS = {'name', 'type', 'phase', 'dataroot_blur', 'dataroot_sharp', 'io_backend', 'gt_size',
                          'patch_size', 'use_hflip', 'use_rot', 'mean', 'std', 'num_worker_per_gpu',
@@ -88,6 +94,7 @@ UNPAIRED_DATASET_KEYS = {'name', 'type', 'phase', 'dataroot_blur', 'dataroot_sha
                          'persistent_workers', 'use_shuffle', 'num_prefetch_queue', 'scale'}
 # (section, key, minimum): integers the models or basicsr's loop need, checked when present
 POSITIVE_INTS = [('train', 'total_iter', 1), ('train', 'pool_size', 0), ('train', 'max_bad_iters', 1),
+                 ('train', 'd_update_every', 1),
                  ('logger', 'print_freq', 1), ('logger', 'save_checkpoint_freq', 1), ('val', 'val_freq', 1),
                  ('', 'manual_seed', 0)]
 DATASET_INTS = [('gt_size', 1), ('patch_size', 1), ('batch_size_per_gpu', 1), ('num_worker_per_gpu', 0),
