@@ -1,4 +1,4 @@
-"""tpdiff make-demo: layout, counts, disjoint unpaired training photos, paired aligned val, reproducibility."""
+"""tpdiff make-demo: layout, counts, matched (and split) unpaired training tiles, paired aligned val, reproducibility."""
 import json
 import os
 
@@ -13,8 +13,9 @@ from basicsr.data.paired_image_dataset import PairedImageDataset
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.data.unpaired_image_dataset import UnpairedImageDataset
 from tpdiff_plugin.tools.make_demo import build_demo, load_photo
+from tpdiff_plugin.utils.errors import UserError
 
-LMDBS = ('train_blur', 'train_sharp', 'val_blur', 'val_sharp')
+LMDBS = ('train_blur', 'train_sharp', 'train_blur_gt', 'val_blur', 'val_sharp')
 
 
 def raw_values(path):
@@ -45,14 +46,17 @@ def demo(tmp_path_factory):
     info = build_demo(str(root / 'a' / 'demo'), seed=0)
     build_demo(str(root / 'b' / 'demo'), seed=0)
     build_demo(str(root / 'c' / 'demo'), seed=1)
+    build_demo(str(root / 'split' / 'demo'), seed=0, domains='split')
     return root, info
 
 
 def test_layout_and_counts(demo):
     root, info = demo
     out = root / 'a' / 'demo'
-    assert sorted(os.listdir(out)) == ['README.txt', 'info.json', 'train_blur.lmdb', 'train_sharp.lmdb', 'val',
-                                       'val_blur.lmdb', 'val_sharp.lmdb']
+    assert sorted(os.listdir(out)) == ['README.txt', 'info.json', 'real', 'train_blur.lmdb', 'train_blur_gt.lmdb',
+                                       'train_sharp.lmdb', 'val', 'val_blur.lmdb', 'val_sharp.lmdb']
+    clock = cv2.imread(str(out / 'real' / 'clock_motion.png'))  # the real motion-blurred sample
+    assert clock.shape == (300, 400, 3) and np.array_equal(clock[..., 0], clock[..., 2])
     assert sorted(os.listdir(root / 'a')) == ['demo']  # no temporary folders left beside it
     for name in LMDBS:
         assert {'data.mdb', 'meta_info.txt'} <= set(os.listdir(out / f'{name}.lmdb'))
@@ -74,22 +78,48 @@ def test_layout_and_counts(demo):
     assert 'Seed 0' in (out / 'README.txt').read_text()
 
 
-def test_training_sets_come_from_disjoint_photos_and_val_from_others(demo):
+def test_matched_training_sets_alternate_tiles_of_the_same_photos(demo):
+    """Default --domains matched: blurry and sharp tiles come from the same photos (alike in colour), never
+    the same tile, and in a checkerboard (no two tiles of one set side by side); val photos are others."""
     root, _ = demo
     out = root / 'a' / 'demo'
     blur, sharp = decoded(out / 'train_blur.lmdb'), decoded(out / 'train_sharp.lmdb')
     val = decoded(out / 'val_sharp.lmdb')
     blur_photos, sharp_photos, val_photos = ({photo_of(k) for k in d} for d in (blur, sharp, val))
-    assert not blur_photos & sharp_photos
-    assert not val_photos & (blur_photos | sharp_photos)
-    # the motorcycle stereo pair (one scene from two viewpoints) stays on one side
-    assert {'motorcycle_left', 'motorcycle_right'} <= sharp_photos
-    # keys tell the truth: sharp tiles are the named photo's pixels at the named box
-    for images in (sharp, val):
+    assert blur_photos == sharp_photos and len(blur_photos) == 5
+    assert 'motorcycle_right' not in blur_photos  # the stereo twin would nearly pair the sets
+    assert not set(blur) & set(sharp)
+    assert not val_photos & blur_photos
+    for key in blur:
+        top, left = box_of(key)
+        neighbours = {f'{photo_of(key)}-y{top + dy:04d}x{left + dx:04d}' for dy, dx in
+                      ((0, 128), (128, 0), (0, -128), (-128, 0))}
+        assert not neighbours & set(blur), key
+    # alike in colour: the per-channel means of the two sets differ by less than 6 grey levels
+    mean_b = np.mean([v.reshape(-1, 3).mean(0) for v in blur.values()], axis=0)
+    mean_s = np.mean([v.reshape(-1, 3).mean(0) for v in sharp.values()], axis=0)
+    assert np.abs(mean_b - mean_s).max() < 6, (mean_b, mean_s)
+    # keys tell the truth: sharp tiles (and the blurry tiles' originals) are the named photo's pixels
+    for images in (sharp, val, decoded(out / 'train_blur_gt.lmdb')):
         for key, tile in images.items():
             top, left = box_of(key)
             src = load_photo(photo_of(key))[top:top + 128, left:left + 128, ::-1]
             assert np.array_equal(tile, src)
+
+
+def test_split_training_sets_come_from_disjoint_photos(demo):
+    root, _ = demo
+    out = root / 'split' / 'demo'
+    blur, sharp = decoded(out / 'train_blur.lmdb'), decoded(out / 'train_sharp.lmdb')
+    blur_photos, sharp_photos = ({photo_of(k) for k in d} for d in (blur, sharp))
+    assert not blur_photos & sharp_photos
+    # the motorcycle stereo pair (one scene from two viewpoints) stays on one side
+    assert {'motorcycle_left', 'motorcycle_right'} <= sharp_photos
+    assert set(decoded(out / 'train_blur_gt.lmdb')) == set(blur)
+    # the val set does not depend on how the training tiles were drawn
+    for name in ('val_blur', 'val_sharp'):
+        assert raw_values(out / f'{name}.lmdb') == raw_values(root / 'a' / 'demo' / f'{name}.lmdb')
+    assert json.loads((out / 'info.json').read_text())['domains'] == 'split'
 
 
 def sharpness(x):
@@ -120,16 +150,18 @@ def test_blurry_images_are_blurred_aligned_versions_of_their_box(demo):
         sigma = meta['noise_sigma_255']
         assert abs(residual.mean()) < 0.2 and abs(residual.std() - sigma) < 0.3 * sigma + 0.3
         assert np.abs(residual).max() < 6 * sigma + 1
-        # and no shift: among integer shifts, the sharp image matches best (nearly) where it is
-        m = 12
-        err = {(dy, dx): ((b[m:-m, m:-m] - s[m + dy:128 - m + dy, m + dx:128 - m + dx]) ** 2).mean()
-               for dy in range(-6, 7) for dx in range(-6, 7)}
-        best = min(err, key=err.get)
-        assert abs(best[0]) <= 2 and abs(best[1]) <= 2
+        # and no shift: the kernel's centre of mass is its centre pixel, so the blurry image is centred on
+        # the sharp box (a best-matching integer shift can still be a few pixels off for a long, curved path)
+        n = kernel.shape[0]
+        yy, xx = np.mgrid[:n, :n]
+        assert abs((kernel * yy).sum() - n // 2) < 1e-6 and abs((kernel * xx).sum() - n // 2) < 1e-6
+        assert ((b - s) ** 2).mean() < ((b - np.roll(s, 8, axis=(0, 1))) ** 2).mean()
+    gt = decoded(out / 'train_blur_gt.lmdb')
     for key, tile in decoded(out / 'train_blur.lmdb').items():
-        top, left = box_of(key)
-        src = load_photo(photo_of(key))[top:top + 128, left:left + 128, ::-1]
-        assert sharpness(tile) < sharpness(src)
+        assert sharpness(tile) < sharpness(gt[key])
+        # paired with its original: closer to it than to any other original of the same photo
+        err = {k: np.abs(tile.astype(float) - v).mean() for k, v in gt.items() if photo_of(k) == photo_of(key)}
+        assert min(err, key=err.get) == key
 
 
 def test_reproducible_bit_for_bit_and_seed_dependent(demo):
@@ -142,7 +174,8 @@ def test_reproducible_bit_for_bit_and_seed_dependent(demo):
             assert fa.read() == fb.read()
     a, c = raw_values(root / 'a' / 'demo' / 'train_blur.lmdb'), raw_values(root / 'c' / 'demo' / 'train_blur.lmdb')
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)  # another seed: other kernels and noise
-    assert raw_values(root / 'a' / 'demo' / 'train_sharp.lmdb') == raw_values(root / 'c' / 'demo' / 'train_sharp.lmdb')
+    for name in ('train_sharp', 'train_blur_gt'):
+        assert raw_values(root / 'a' / 'demo' / f'{name}.lmdb') == raw_values(root / 'c' / 'demo' / f'{name}.lmdb')
 
 
 def test_demo_feeds_the_datasets(demo):
@@ -170,3 +203,28 @@ def test_existing_output_refused_unless_force(demo, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['demo']  # the old folder and the temporary one are gone
     root, _ = demo
     assert raw_values(out / 'val_blur.lmdb') == raw_values(root / 'a' / 'demo' / 'val_blur.lmdb')
+
+
+def test_photos_folder_joins_the_matched_pool(demo, tmp_path):
+    """--photos: a folder's photos are scaled to MAX_SIDE and tiled into both sets like the built-in ones."""
+    rng = np.random.default_rng(3)
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    big = cv2.resize(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8), (1800, 1200), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(photos / 'my-photo 1.png'), big)  # 1200x1800 -> 533x800
+    info = build_demo(str(tmp_path / 'out'), seed=0, photos_dir=str(photos))
+    blur, sharp = decoded(tmp_path / 'out' / 'train_blur.lmdb'), decoded(tmp_path / 'out' / 'train_sharp.lmdb')
+    mine_b = [k for k in blur if photo_of(k) == 'my_photo_1']
+    mine_s = [k for k in sharp if photo_of(k) == 'my_photo_1']
+    assert len(mine_b) + len(mine_s) == (533 // 128) * (800 // 128)  # every tile is textured
+    assert abs(len(mine_b) - len(mine_s)) <= 1 and info['photos_dir'] == str(photos)
+    root, _ = demo
+    assert raw_values(tmp_path / 'out' / 'val_blur.lmdb') == raw_values(root / 'a' / 'demo' / 'val_blur.lmdb')
+    with pytest.raises(UserError, match='--photos: no such folder'):
+        build_demo(str(tmp_path / 'x'), photos_dir=str(tmp_path / 'missing'))
+    (photos / 'broken.jpg').write_bytes(b'not a jpeg')
+    with pytest.raises(UserError, match='broken.jpg: not a readable image'):
+        build_demo(str(tmp_path / 'y'), photos_dir=str(photos))
+    assert not (tmp_path / 'y').exists()
+    with pytest.raises(UserError, match='--domains matched'):
+        build_demo(str(tmp_path / 'z'), photos_dir=str(photos), domains='split')

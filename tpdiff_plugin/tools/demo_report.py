@@ -2,13 +2,19 @@
 
 Run after ``basicsr test -opt options/test_tpdiff_demo.yml``::
 
-    python -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test
+    python -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test \
+        [--real datasets_lmdb/demo/real --weights <net_g.pth> --opt options/demo_stage2.yml]
 
 It reads the blurry and sharp validation images (LMDB in basicsr layout, or a folder), finds each
 one's deblurred result ``<results>/visualization/<dataset>/<key>_<suffix>.png`` (basicsr test's
 naming), prints a table of input PSNR/SSIM (blurry vs sharp) against output PSNR/SSIM (deblurred vs
-sharp) with basicsr's ``calculate_psnr`` / ``calculate_ssim`` (RGB, no border crop) and their mean,
-and writes a PNG grid, one row per image: blurry | deblurred | sharp. Not a ``tpdiff`` sub-command.
+sharp) with basicsr's ``calculate_psnr`` / ``calculate_ssim`` (RGB, no border crop) and their mean, plus
+the periodic-artifact measure of each output against its input (``utils.artifacts``: dB of spectral peaks
+at 2- and 4-pixel periods added; about 0 means no checkerboard or grid), and writes a PNG grid, one row
+per image: blurry | deblurred | sharp. With ``--real``, the images of that folder (real blur, no ground
+truth: the demo set's ``real/clock_motion.png``) are deblurred with ``--weights`` / ``--opt`` through
+:class:`tpdiff_plugin.inference.Deblurrer` and shown below the grid as blurry | deblurred. Not a
+``tpdiff`` sub-command.
 """
 import argparse
 import glob
@@ -115,6 +121,8 @@ def collect(results_dir, blur_root, sharp_root):
 def metrics_table(rows):
     """``(per-image list of dicts, mean dict)`` of input/output PSNR and SSIM."""
     from basicsr.metrics import calculate_psnr, calculate_ssim
+
+    from tpdiff_plugin.utils.artifacts import periodic_artifact_db
     per_image = []
     for key, blur, out, sharp in rows:
         per_image.append({
@@ -123,38 +131,68 @@ def metrics_table(rows):
             'in_ssim': float(calculate_ssim(blur, sharp, crop_border=0)),
             'out_psnr': float(calculate_psnr(out, sharp, crop_border=0)),
             'out_ssim': float(calculate_ssim(out, sharp, crop_border=0)),
+            'artifact_db': periodic_artifact_db(out, blur),
         })
-    mean = {k: float(np.mean([r[k] for r in per_image])) for k in ('in_psnr', 'in_ssim', 'out_psnr', 'out_ssim')}
+    mean = {k: float(np.mean([r[k] for r in per_image]))
+            for k in ('in_psnr', 'in_ssim', 'out_psnr', 'out_ssim', 'artifact_db')}
     return per_image, mean
 
 
 def format_table(per_image, mean):
     width = max(len('mean'), max(len(r['key']) for r in per_image))
-    head = f'{"image":<{width}}  {"input PSNR":>10}  {"input SSIM":>10}  {"output PSNR":>11}  {"output SSIM":>11}'
+    head = (f'{"image":<{width}}  {"input PSNR":>10}  {"input SSIM":>10}  {"output PSNR":>11}  {"output SSIM":>11}'
+            f'  {"artifact dB":>11}')
     lines = [head, '-' * len(head)]
     for r in per_image + [dict(mean, key='mean')]:
         if r['key'] == 'mean':
             lines.append('-' * len(head))
         lines.append(f'{r["key"]:<{width}}  {r["in_psnr"]:>10.2f}  {r["in_ssim"]:>10.4f}  '
-                     f'{r["out_psnr"]:>11.2f}  {r["out_ssim"]:>11.4f}')
+                     f'{r["out_psnr"]:>11.2f}  {r["out_ssim"]:>11.4f}  {r["artifact_db"]:>+11.2f}')
     return '\n'.join(lines)
 
 
-def make_grid(rows, gap=4, header=22):
-    """One row per image (blurry | deblurred | sharp) under a header naming the columns; BGR uint8."""
+def make_grid(rows, gap=4, header=22, real_rows=()):
+    """One row per image (blurry | deblurred | sharp) under a header naming the columns; BGR uint8.
+
+    ``real_rows`` (``(name, blurry, deblurred)``, no ground truth) follow below, each under its own caption,
+    as blurry | deblurred at their own size; the canvas is as wide as the widest part."""
     import cv2
     h = max(r[1].shape[0] for r in rows)
     w = max(r[1].shape[1] for r in rows)
-    grid = np.full((header + len(rows) * (h + gap), 3 * w + 2 * gap, 3), 255, np.uint8)
+    height = header + len(rows) * (h + gap)
+    width = 3 * w + 2 * gap
+    for _, blur, _ in real_rows:
+        height += header + blur.shape[0] + gap
+        width = max(width, 2 * blur.shape[1] + gap)
+    grid = np.full((height, width, 3), 255, np.uint8)
+
+    def caption(text, x, y):
+        cv2.putText(grid, text, (x + 4, y - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+
     for col, label in enumerate(('blurry', 'deblurred', 'sharp')):
-        cv2.putText(grid, label, (col * (w + gap) + 4, header - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
-                    cv2.LINE_AA)
+        caption(label, col * (w + gap), header)
     for i, (_, blur, out, sharp) in enumerate(rows):
         y = header + i * (h + gap)
         for col, img in enumerate((blur, out, sharp)):
             x = col * (w + gap)
             grid[y:y + img.shape[0], x:x + img.shape[1]] = img
+    y = header + len(rows) * (h + gap)
+    for name, blur, out in real_rows:
+        caption(f'{name}: real blur, no ground truth (blurry | deblurred)', 0, y + header)
+        y += header
+        grid[y:y + blur.shape[0], :blur.shape[1]] = blur
+        grid[y:y + out.shape[0], blur.shape[1] + gap:blur.shape[1] + gap + out.shape[1]] = out
+        y += blur.shape[0] + gap
     return grid
+
+
+def deblur_real(folder, weights, opt):
+    """``[(name, blurry BGR, deblurred BGR)]`` for the images of ``folder``, deblurred with ``weights``."""
+    from tpdiff_plugin.inference import Deblurrer
+    images = read_images(folder)
+    deblur = Deblurrer.from_checkpoint(weights, opt=opt, seed=0)
+    return [(name, img, np.ascontiguousarray(deblur(np.ascontiguousarray(img[:, :, ::-1]))[:, :, ::-1]))
+            for name, img in sorted(images.items())]
 
 
 def main(argv=None):
@@ -165,16 +203,27 @@ def main(argv=None):
     parser.add_argument('--sharp', default=DEFAULT_SHARP, help=f'sharp references (default {DEFAULT_SHARP})')
     parser.add_argument('--out', default=None,
                         help='grid PNG to write (default: results/<results folder name>_grid.png beside --results)')
+    parser.add_argument('--real', default=None, help='a folder of real blurry images without ground truth to add '
+                        'to the grid (needs --weights and --opt), e.g. datasets_lmdb/demo/real')
+    parser.add_argument('--weights', default=None, help='the checkpoint that deblurs --real')
+    parser.add_argument('--opt', default=None, help='the options file whose network_g --weights holds')
     args = parser.parse_args(argv)
     try:
         import cv2
+        if args.real and not (args.weights and args.opt):
+            raise UserError('--real needs --weights and --opt (the network that deblurs those images)')
         rows = collect(args.results, args.blur, args.sharp)
         per_image, mean = metrics_table(rows)
         print(format_table(per_image, mean))
+        real_rows = deblur_real(args.real, args.weights, args.opt) if args.real else ()
+        for name, blur, out in real_rows:
+            from tpdiff_plugin.utils.artifacts import periodic_artifact_db
+            print(f'{name} (real blur, no ground truth): artifact {periodic_artifact_db(out, blur):+.2f} dB, '
+                  f'mean |output - input| {np.abs(out.astype(float) - blur).mean():.2f} grey levels')
         results = os.path.normpath(args.results)
         out = args.out or os.path.join(os.path.dirname(results) or '.', f'{os.path.basename(results)}_grid.png')
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        if not cv2.imwrite(out, make_grid(rows)):
+        if not cv2.imwrite(out, make_grid(rows, real_rows=real_rows)):
             raise UserError(f'--out: cannot write {out}')
         print(f'grid (blurry | deblurred | sharp): {out}')
     except UserError as e:
