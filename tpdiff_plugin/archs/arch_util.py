@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
 
 def zero_init_(conv):
@@ -23,6 +24,18 @@ def zero_init_(conv):
     return conv
 
 
+def icnr_(weight, scale=2):
+    """ICNR init in place of a conv weight ``[C·scale², C_in, k, k]`` that feeds ``PixelShuffle(scale)``: one
+    kaiming-uniform filter per output channel, repeated for its scale² sub-pixel positions (PixelShuffle
+    puts channel ``c·scale² + i`` at position i of output channel c). Hand-written: torch has no ICNR."""
+    c_out = weight.shape[0] // (scale * scale)
+    base = torch.empty(c_out, *weight.shape[1:])
+    nn.init.kaiming_uniform_(base, a=5 ** 0.5)  # nn.Conv2d's default init
+    with torch.no_grad():
+        weight.copy_(base.repeat_interleave(scale * scale, dim=0))
+    return weight
+
+
 class BinomialBlur(nn.Module):
     """The [1, 2, 1]/4 low-pass in both directions, per channel, reflect-padded: ``[B, C, H, W]`` kept.
 
@@ -34,5 +47,4 @@ class BinomialBlur(nn.Module):
     SIGMA = 1 / math.sqrt(2 * math.log(2))
 
     def forward(self, x):
-        from torchvision.transforms.functional import gaussian_blur
         return gaussian_blur(x, kernel_size=[3, 3], sigma=[self.SIGMA, self.SIGMA])

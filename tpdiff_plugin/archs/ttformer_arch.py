@@ -34,7 +34,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tpdiff_plugin.archs.arch_util import zero_init_
+from tpdiff_plugin.archs.arch_util import icnr_, zero_init_
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
 from tpdiff_plugin.archs.fm_msa import DEFORM_IMPLS, FMMSA, PriorDeformFilter
 from tpdiff_plugin.archs.tm_ffn import TMFFN
@@ -120,18 +120,6 @@ class Upsample(nn.Sequential):
         super().__init__(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
         if icnr_init:
             icnr_(self[0].weight, scale=2)
-
-
-def icnr_(weight, scale=2):
-    """ICNR init in place of a conv weight ``[C·scale², C_in, k, k]`` that feeds ``PixelShuffle(scale)``: one
-    kaiming-uniform filter per output channel, repeated for its scale² sub-pixel positions (PixelShuffle
-    puts channel ``c·scale² + i`` at position i of output channel c). Hand-written: torch has no ICNR."""
-    c_out = weight.shape[0] // (scale * scale)
-    base = torch.empty(c_out, *weight.shape[1:])
-    nn.init.kaiming_uniform_(base, a=5 ** 0.5)  # nn.Conv2d's default init
-    with torch.no_grad():
-        weight.copy_(base.repeat_interleave(scale * scale, dim=0))
-    return weight
 
 
 def resize_prior(z, size):
