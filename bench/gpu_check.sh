@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on a lent GPU machine from the repo root (see bench/README.md):
-#   1. the test suite with CUDA visible, 2. the benchmark on the GPU, 3. both TP-Diff stages briefly
-#   at paper width (options/tpdiff_stage{1,2}.yml, 11.89M) on the demo data, printing the val PSNR/SSIM.
+#   1. the test suite with CUDA visible, 2. the benchmark on the GPU, 3. the quality harness
+#   (bench/quality.py) on the demo data at demo width and at paper width (options/tpdiff_stage{1,2}.yml,
+#   11.89M): val PSNR/SSIM/artifact curves of TP-Diff against the supervised ceiling (and the CycleGAN baseline).
 # Needs the wheels from bench/fetch_gpu_wheels.sh in .whl/. Logs go to $OUT (the device tool's folder).
 # Budget: about 8-10 minutes on one H100 (each step has its own timeout).
 set -uo pipefail
@@ -29,25 +30,18 @@ timeout 150 $PY bench/run.py --device cuda --size 720x1280 --repeats 3 --json "$
 fi
 
 [[ $STEPS == *3* ]] || exit 0
-echo "== 3. paper-width stages on the demo data =="
-timeout 30 "$BIN/tpdiff" make-demo --force >/dev/null
-D=datasets_lmdb/demo
-ITERS=${ITERS:-300}
-BATCH=${BATCH:-8}   # the paper batch; smaller for a CPU dry run
-common=(datasets:train:dataroot_blur=$D/train_blur.lmdb datasets:train:dataroot_sharp=$D/train_sharp.lmdb
-        datasets:train:gt_size=96 datasets:train:num_worker_per_gpu=4 datasets:train:batch_size_per_gpu=$BATCH
-        datasets:val:dataroot_gt=$D/val_sharp.lmdb datasets:val:dataroot_lq=$D/val_blur.lmdb
-        train:total_iter=$ITERS val:val_freq=$ITERS logger:save_checkpoint_freq=$ITERS logger:print_freq=50)
-S1=experiments/TPDiff_GPUCheck_Stage1/models
-timeout 150 "$BIN/basicsr" train -opt options/tpdiff_stage1.yml --force_yml name=TPDiff_GPUCheck_Stage1 "${common[@]}" \
-  > "$OUT/stage1.log" 2>&1; echo "stage 1 exit $?"
-timeout 150 "$BIN/basicsr" train -opt options/tpdiff_stage2.yml --force_yml name=TPDiff_GPUCheck_Stage2 "${common[@]}" \
-  path:pretrain_network_g=$S1/net_g_latest.pth path:pretrain_network_tpe=$S1/net_tpe_latest.pth \
-  path:pretrain_network_rb=$S1/net_rb_latest.pth > "$OUT/stage2.log" 2>&1; echo "stage 2 exit $?"
-for s in 1 2; do
-  echo "-- stage $s: speed, last losses, validation --"
-  grep -E "time \(data\)" "$OUT/stage$s.log" | tail -1 | sed -E 's/.*(time \(data\): [0-9.]+ \([0-9.]+\)).*(l_g_total: [^ ]+).*/\1 \2/'
-  grep -E "Validation prior|# (psnr|ssim)" "$OUT/stage$s.log" | tail -3
-  grep -E "Error|error:" "$OUT/stage$s.log" | tail -3
-done
-cp -r experiments/TPDiff_GPUCheck_Stage*/train_*.log "$OUT/" 2>/dev/null || true
+echo "== 3. quality harness on the demo data: demo width, then paper width (11.89M) =="
+ITERS=${ITERS:-1500}     # stage-1 iterations per variant; stage 2 gets half
+BATCH=${BATCH:-8}        # the paper batch at paper width
+DEVICE=${DEVICE:-cuda}   # DEVICE=cpu STEPS=3 ITERS=12 BATCH=1: a dry run here
+DR='train.sharp_cycle_trains_rb=false,train.r1_weight=1.0,network_rb.kernel_size=15,train.wave_opt.loss_weight=0.02'
+DR="$DR,train.gan_sharp_opt={type: GANLoss, gan_type: lsgan, loss_weight: 0.1}"
+DR="$DR,train.cycle_sharp_opt={type: L1Loss, loss_weight: 1.0}"   # the demo recipe's loss keys
+timeout 200 $PY bench/quality.py --device $DEVICE --variants recipe,supervised,cycle --iters $ITERS \
+  --stage2-iters $((ITERS / 2)) --eval-every $((ITERS / 6)) --json "$OUT/quality_demo.json" --out "$OUT/quality_demo" \
+  2>&1 | tee "$OUT/quality_demo.log" | grep -E "^\||input|done|FAILED"
+timeout 240 $PY bench/quality.py --device $DEVICE --stage1-opt options/tpdiff_stage1.yml --stage2-opt options/tpdiff_stage2.yml \
+  --define "paper=recipe,datasets.train.gt_size=96,datasets.train.batch_size_per_gpu=$BATCH" \
+  --define "paper_demo_recipe=paper,$DR" --variants paper,paper_demo_recipe,supervised --iters $((ITERS / 3)) \
+  --stage2-iters $((ITERS / 6)) --eval-every $((ITERS / 12)) --json "$OUT/quality_paper.json" --out "$OUT/quality_paper" \
+  2>&1 | tee "$OUT/quality_paper.log" | grep -E "^\||input|done|FAILED"

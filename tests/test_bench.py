@@ -1,8 +1,10 @@
-"""Smoke test of bench/run.py --quick: the table has every row, with finite positive numbers (no timing asserts)."""
+"""Smoke tests of bench/run.py --quick (every row, finite positive numbers, no timing asserts) and bench/quality.py."""
 import json
 import math
 import os
 import sys
+
+import pytest
 
 from conftest import REPO, run_cmd
 
@@ -40,3 +42,46 @@ def test_bench_quick_prints_every_row(tmp_path):
     assert math.isclose(rows['TP-Diff / Restormer params']['value'], expected, rel_tol=1e-9)
     assert 'T=8 steps' in rows['DM sampling share of TP-Diff']['note']
     assert os.path.isfile(out)
+
+
+def test_quality_quick_trains_and_scores_the_variants(tmp_path):
+    """bench/quality.py --quick: identity, recipe and supervised, 10 + 10 iterations, scored on the demo val set."""
+    out = tmp_path / 'quality.json'
+    res = run_cmd([sys.executable, str(REPO / 'bench' / 'quality.py'), '--quick', '--json', str(out),
+                   '--out', str(tmp_path / 'png')], cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    variants = {v['name']: v for v in result['variants']}
+    assert list(variants) == ['identity', 'recipe', 'supervised']
+    assert [c['iter'] for c in variants['recipe']['curve']] == [0, 10, 20]  # through stage 1 and stage 2
+    assert [c['iter'] for c in variants['supervised']['curve']] == [0, 10, 20]
+    identity = variants['identity']['curve'][-1]
+    assert identity == result['input'] and identity['artifact_db'] == 0
+    assert 15 < identity['psnr'] < 40 and 0 < identity['ssim'] < 1
+    for v in variants.values():
+        assert all(math.isfinite(x) for c in v['curve'] for x in c.values())
+    rows = [line for line in res.stdout.splitlines() if line.startswith('| ')]
+    assert [r.split('|')[1].strip() for r in rows[1:]] == ['identity', 'recipe', 'supervised']
+    assert sorted(os.listdir(tmp_path / 'png')) == ['identity.png', 'recipe.png', 'supervised.png']
+
+
+def test_quality_variant_definitions():
+    sys.path.insert(0, str(REPO / 'bench'))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(REPO / 'bench'))
+    variants = quality.define_variants(
+        ['x=recipe,train.r1_weight=10,train.identity_opt={type: L1Loss, loss_weight: 0.5},train.optim_g.lr=5e-5'],
+        quality.VARIANTS)
+    assert variants['x'] == {'kind': 'tpdiff', 'train.r1_weight': 10,
+                             'train.identity_opt': {'type': 'L1Loss', 'loss_weight': 0.5}, 'train.optim_g.lr': 5e-5}
+    # every "shipped+change" row is the shipped recipe with exactly that change's keys taken out
+    for change, keys in quality.CHANGES.items():
+        row = variants[f'shipped+{change}']
+        assert set(quality.SHIPPED) - set(row) == set(keys)
+    opt = quality.build_options(quality.STAGE2, variants['shipped'], 2, '/data', '/tmp/q-test', 'v')
+    assert 'pretrain_network_d_sharp' not in opt['path'] and opt['train']['dm_target'] == 'batch'
+    assert opt['datasets']['train']['dataroot_blur'] == '/data/train_blur.lmdb'
+    with pytest.raises(SystemExit):
+        quality.define_variants(['y=nope,train.r1_weight=1'], quality.VARIANTS)

@@ -1,0 +1,446 @@
+"""Quality harness: train demo-size TP-Diff from scratch under named variants and compare them on images.
+
+    make quality                                    # = .venv/bin/python bench/quality.py (every variant)
+    .venv/bin/python bench/quality.py --variants recipe,supervised --iters 1200 --stage2-iters 400
+    .venv/bin/python bench/quality.py --define 'r1_10=recipe,train.r1_weight=10' --variants r1_10,recipe
+    .venv/bin/python bench/quality.py --quick       # 2 x 10 iterations of three variants (the smoke test)
+
+Every variant starts from the same seed on the same data (the embedded demo set, built by ``tpdiff
+make-demo`` into a scratch folder: ``--domains matched`` and, for the variants that ask for it,
+``split``) and is validated on the demo validation pairs at every ``--eval-every`` iterations. One table
+gives, per variant: val PSNR / SSIM of the last evaluation, its gain over the blurry input, the periodic
+artifact measure (``tpdiff_plugin.utils.artifacts``: output's spectral peaks at 2- and 4-pixel periods
+minus the input's, in dB; 0 = none added, a visible checkerboard is > +3), and the PSNR curve over
+iterations, so that degradation with training shows. Kinds of variant:
+
+- ``tpdiff``: TPDiffModel stage 1 for ``--iters`` iterations from ``options/demo_stage1.yml``, then
+  stage 2 for ``--stage2-iters`` from ``options/demo_stage2.yml``, loading the stage-1 checkpoints the
+  way the options name them (the discriminators and their optimizer state only if the options do).
+  The curve runs through both stages; stage 2 validates with the DM's prior sampled from noise.
+- ``cycle``: the plain UnpairedCycleModel (CycleGAN baseline): the same TPDiffNet with no prior
+  (``use_dm: false``, zeros), the same losses, ``--iters + --stage2-iters`` iterations.
+- ``supervised``: the ceiling: the same TPDiffNet (no prior), L1 on the *paired* version of the same blurry
+  training tiles (``train_blur_gt.lmdb``), basicsr's SRModel, ``--iters + --stage2-iters`` iterations.
+- ``identity``: no network; the output is the input.
+
+Variants are option overrides (``section.key=value``, YAML values) on the demo options; ``--define
+NAME=BASE,key=value,...`` adds one. ``--jobs 2`` trains two variants at a time, one thread each (the
+machine's 2 cores); results do not depend on it. ``--json`` writes the curves, ``--out`` a PNG per
+variant (blurry | output | sharp for every validation image, at the last evaluation).
+"""
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # see bench/README.md: spinning OpenMP threads on 2 cores
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+STAGE1 = os.path.join(REPO, 'options', 'demo_stage1.yml')
+STAGE2 = os.path.join(REPO, 'options', 'demo_stage2.yml')
+
+# What the first demo recipe did, which the demo options have since changed (the "shipped" row is this; each
+# "shipped+<change>" row switches one structural change of issue 9 on). Stage-2-only keys are prefixed "s2:".
+SHIPPED = {
+    'data': 'split',
+    'network_g.identity_init': False, 'network_rb.identity_init': False, 'network_g.icnr_init': False,
+    'train.sharp_cycle_prior': 'own_batch', 'train.dm_target': 'batch',
+    's2:path.pretrain_network_d_sharp': None, 's2:path.pretrain_network_d_blur': None,
+    's2:path.pretrain_network_d_wave': None, 's2:path.resume_optim_d': None,
+    # the losses and RN of the first recipe (the paper's weights)
+    'network_rb.kernel_size': 0, 'train.gan_sharp_opt': None, 'train.cycle_sharp_opt': None,
+    'train.wave_opt.loss_weight': 0.2, 'train.sharp_cycle_trains_rb': True, 'train.r1_weight': 0,
+}
+# the structural changes, as they appear in the demo options
+CHANGES = {
+    'identity_init': ('network_g.identity_init', 'network_rb.identity_init'),
+    'icnr_init': ('network_g.icnr_init',),
+    'matched_data': ('data',),
+    'no_self_prior': ('train.sharp_cycle_prior',),
+    'd_handover': ('s2:path.pretrain_network_d_sharp', 's2:path.pretrain_network_d_blur',
+                   's2:path.pretrain_network_d_wave', 's2:path.resume_optim_d'),
+    'ema_dm_target': ('train.dm_target',),
+}
+
+
+def _variants():
+    shipped_all_changes = {k: v for k, v in SHIPPED.items() if not any(k in keys for keys in CHANGES.values())}
+    v = {
+        'identity': {'kind': 'identity'},
+        'supervised': {'kind': 'supervised'},
+        'cycle': {'kind': 'cycle'},
+        'shipped': {'kind': 'tpdiff', **SHIPPED},
+    }
+    for name, keys in CHANGES.items():
+        v[f'shipped+{name}'] = {'kind': 'tpdiff', **{k: x for k, x in SHIPPED.items() if k not in keys}}
+    v['all_changes'] = {'kind': 'tpdiff', **shipped_all_changes}
+    v['recipe'] = {'kind': 'tpdiff'}  # the demo options as they are
+    return v
+
+
+VARIANTS = _variants()
+DEFAULT_ORDER = ('identity', 'supervised', 'recipe', 'cycle', 'shipped', 'shipped+identity_init',
+                 'shipped+icnr_init', 'shipped+matched_data', 'shipped+no_self_prior', 'shipped+d_handover',
+                 'shipped+ema_dm_target', 'all_changes')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--variants', default=','.join(DEFAULT_ORDER), help='comma-separated names (see --list)')
+    p.add_argument('--define', action='append', default=[], metavar='NAME=BASE,key=value,...',
+                   help='a new variant: BASE\'s overrides plus these (YAML values; "s2:" prefix = stage 2 only)')
+    p.add_argument('--list', action='store_true', help='print the variants and their overrides, then exit')
+    p.add_argument('--iters', type=int, default=400, help='stage-1 iterations (default 400, the demo\'s)')
+    p.add_argument('--stage2-iters', type=int, default=400, help='stage-2 iterations (default 400)')
+    p.add_argument('--eval-every', type=int, default=100, help='validate every N iterations (default 100)')
+    p.add_argument('--stage1-opt', default=STAGE1, help='the options the variants start from (default: the demo\'s)')
+    p.add_argument('--stage2-opt', default=STAGE2, help='stage 2\'s (default: the demo\'s)')
+    p.add_argument('--seed', type=int, default=10, help='training seed (default 10, the demo options\')')
+    p.add_argument('--data', default=None, help='a demo set built by make-demo (default: build one in a temp dir)')
+    p.add_argument('--jobs', type=int, default=1, help='variants trained at once, one thread each (default 1)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads per job (default: torch\'s with --jobs 1)')
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='train on the CPU (default) or one GPU')
+    p.add_argument('--quick', action='store_true', help='10 + 10 iterations of identity, recipe and supervised')
+    p.add_argument('--log-every', type=int, default=0, help='print the training losses to stderr every N iterations')
+    p.add_argument('--json', default=None, help='write the results (curves included) to this file')
+    p.add_argument('--out', default=None, help='write one PNG per variant (blurry | output | sharp) here')
+    p.add_argument('--keep', default=None, metavar='DIR',
+                   help='train in DIR and keep it: each variant\'s checkpoints (<name>-s1/, <name>-s2/ models and '
+                        'training states, saved at every evaluation) and demo sets; default: a temporary folder')
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.stage2_iters, args.eval_every = 10, 10, 10
+        if args.variants == p.get_default('variants'):
+            args.variants = 'identity,recipe,supervised'
+    return args
+
+
+def _parse_value(text):
+    import yaml
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def define_variants(defines, variants):
+    out = dict(variants)
+    for spec in defines:
+        name, _, rest = spec.partition('=')
+        parts = [x for x in re.split(r',(?=\s*[\w:.]+=)', rest) if x]  # commas inside YAML values stay
+        if not name or not parts or parts[0] not in out:
+            raise SystemExit(f'--define {spec!r}: expected NAME=BASE,key=value,... with BASE one of {", ".join(out)}')
+        v = dict(out[parts[0]])
+        for item in parts[1:]:
+            key, eq, value = item.partition('=')
+            if not eq:
+                raise SystemExit(f'--define {spec!r}: {item!r} is not key=value')
+            v[key.strip()] = _parse_value(value)
+        out[name] = v
+    return out
+
+
+def _set(opt, dotted, value):
+    keys = dotted.split('.')
+    node = opt
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    if value is None:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+
+
+def build_options(path, overrides, stage, data_root, work, name, num_gpu=0):
+    """The options of ``path`` with the variant's overrides, pointed at ``data_root`` and ``work``."""
+    import yaml
+    with open(path, encoding='utf-8') as f:
+        opt = yaml.safe_load(f)
+    for key, value in overrides.items():
+        if key in ('kind', 'data'):
+            continue
+        if key.startswith('s2:'):
+            if stage != 2:
+                continue
+            key = key[3:]
+        _set(opt, key, copy.deepcopy(value))
+    opt.update(name=name, is_train=True, dist=False, rank=0, world_size=1, num_gpu=num_gpu, auto_resume=False)
+    train = opt['datasets']['train']
+    train.update(phase='train', scale=1, num_worker_per_gpu=0,
+                 dataroot_blur=os.path.join(data_root, 'train_blur.lmdb'),
+                 dataroot_sharp=os.path.join(data_root, 'train_sharp.lmdb'))
+    val = opt['datasets']['val']
+    val.update(phase='val', scale=1, dataroot_lq=os.path.join(data_root, 'val_blur.lmdb'),
+               dataroot_gt=os.path.join(data_root, 'val_sharp.lmdb'))
+    models = os.path.join(work, name, 'models')
+    states = os.path.join(work, name, 'training_states')
+    os.makedirs(models, exist_ok=True)
+    os.makedirs(states, exist_ok=True)
+    opt['path'] = {k: v for k, v in (opt.get('path') or {}).items() if k.startswith(('strict_load', 'param_key'))
+                   or (k.startswith(('pretrain_network', 'resume_optim')) and v)}
+    opt['path'].update(models=models, training_states=states, resume_state=None, visualization=work)
+    return opt
+
+
+def _stage1_paths(opt2, stage1_work, iters):
+    """Point the stage-2 options' checkpoint paths (those the options set) at the harness's stage-1 run."""
+    models = os.path.join(stage1_work, 'models')
+    for key in list(opt2['path']):
+        if key.startswith('pretrain_network_'):
+            label = key[len('pretrain_network_'):]
+            opt2['path'][key] = os.path.join(models, f'net_{label}_{iters}.pth')
+        elif key == 'resume_optim_d':
+            opt2['path'][key] = os.path.join(stage1_work, 'training_states')
+
+
+def _loader(dataset_opt, seed):
+    import torch
+    from basicsr.data import build_dataset
+    dataset = build_dataset(dataset_opt)
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=dataset_opt['batch_size_per_gpu'], shuffle=True,
+                                       drop_last=True, num_workers=0, generator=g)
+
+
+def _batches(loader):
+    while True:
+        yield from loader
+
+
+def _val_images(data_root):
+    """``[(key, lq [1, 3, H, W], gt uint8 BGR)]`` of the demo validation pairs."""
+    import torch
+    from tpdiff_plugin.tools.demo_report import read_images
+    blur = read_images(os.path.join(data_root, 'val_blur.lmdb'))
+    sharp = read_images(os.path.join(data_root, 'val_sharp.lmdb'))
+    out = []
+    for key in sorted(blur):
+        lq = torch.from_numpy(blur[key][:, :, ::-1].copy()).permute(2, 0, 1)[None].float() / 255.
+        out.append((key, lq, blur[key], sharp[key]))
+    return out
+
+
+def evaluate(run_net, val):
+    """Mean PSNR / SSIM (basicsr's, RGB, no crop) and artifact dB of ``run_net(lq)`` on the val pairs."""
+    import numpy as np
+    import torch
+    from basicsr.metrics import calculate_psnr, calculate_ssim
+    from basicsr.utils import tensor2img
+    from tpdiff_plugin.utils.artifacts import periodic_artifact_db
+    rows, images = [], []
+    for key, lq, blur_bgr, gt_bgr in val:
+        with torch.no_grad():
+            out = tensor2img(run_net(lq).clamp(0, 1))  # BGR uint8, as basicsr validation
+        rows.append((calculate_psnr(out, gt_bgr, 0), calculate_ssim(out, gt_bgr, 0), periodic_artifact_db(out, blur_bgr)))
+        images.append(np.concatenate([blur_bgr, out, gt_bgr], axis=1))
+    mean = np.mean(rows, axis=0)
+    return {'psnr': float(mean[0]), 'ssim': float(mean[1]), 'artifact_db': float(mean[2])}, images
+
+
+def _model_runner(model):
+    def run(lq):
+        model.feed_data({'lq': lq})
+        model.test()
+        return model.output
+    return run
+
+
+def _train(model, loader_iter, iters, start, args, val, curve, name):
+    """``iters`` iterations; evaluates (and with ``--keep`` saves) every ``--eval-every``; ``--log-every``
+    prints the losses to stderr. Returns the last evaluation's images."""
+    import math
+    last = None
+    for it in range(1, iters + 1):
+        batch = next(loader_iter)
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        if args.log_every and it % args.log_every == 0:
+            log = model.get_current_log()
+            print(f'  {name} [{start + it}] ' + ' '.join(f'{k}={v:.3g}' for k, v in log.items()), file=sys.stderr,
+                  flush=True)
+        if it % args.eval_every == 0 or it == iters:
+            metrics, last = evaluate(_model_runner(model), val)
+            curve.append({'iter': start + it, **metrics})
+            if args.log_every:
+                print(f'  {name} [{start + it}] val ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()),
+                      file=sys.stderr, flush=True)
+            if args.keep:
+                model.save(0, it)
+            if not all(math.isfinite(v) for v in metrics.values()):
+                break
+    return last
+
+
+def run_variant(name, spec, args, data_roots, work):
+    """Train one variant; returns its result dict (curve, final metrics, seconds, final images)."""
+    import logging
+
+    import torch
+    import tpdiff_plugin  # noqa: F401  (registers the plugin, mends basicsr)
+    from basicsr.models import build_model
+    logging.getLogger('basicsr').setLevel(logging.WARNING)  # network summaries would bury the table
+    from basicsr.utils import set_random_seed
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kind = spec.get('kind', 'tpdiff')
+    data_root = data_roots[spec.get('data', 'matched')]
+    val = _val_images(data_root)
+    t0 = time.time()
+    curve = []
+    identity_metrics, images = evaluate(lambda lq: lq, val)
+    curve.append({'iter': 0, **identity_metrics})
+    if kind == 'identity':
+        return {'name': name, 'kind': kind, 'curve': curve, 'seconds': 0.0, 'images': images}
+    total = args.iters + args.stage2_iters
+    num_gpu = 1 if args.device == 'cuda' else 0
+    opt = build_options(args.stage1_opt, spec, 1, data_root, work, f'{name}-s1', num_gpu)
+    if kind in ('cycle', 'supervised'):
+        opt['network_g']['use_dm'] = False
+        for key in ('network_tpe', 'stage'):
+            opt.pop(key, None)
+        opt['model_type'] = 'UnpairedCycleModel'
+    if kind == 'supervised':
+        opt['model_type'] = 'SRModel'
+        train = opt['datasets']['train']
+        train.update(type='PairedImageDataset', dataroot_lq=train.pop('dataroot_blur'),
+                     dataroot_gt=os.path.join(data_root, 'train_blur_gt.lmdb'), io_backend={'type': 'lmdb'})
+        train.pop('dataroot_sharp')
+        for key in ('optim_d', 'gan_opt', 'cycle_opt', 'wave_opt', 'pool_size', 'identity_opt', 'cycle_sharp_opt',
+                    'sharp_cycle_trains_rb', 'r1_weight', 'sharp_cycle_prior', 'd_update_every', 'dm_target'):
+            opt['train'].pop(key, None)
+        opt['train']['pixel_opt'] = {'type': 'L1Loss', 'loss_weight': 1.0}
+        opt['train']['optim_g']['betas'] = [0.9, 0.99]  # basicsr's supervised default (0.5 is for GANs)
+        for key in [k for k in opt if k.startswith('network_') and k != 'network_g']:
+            opt.pop(key)
+    set_random_seed(args.seed)
+    model = build_model(opt)
+    loader = _batches(_loader(opt['datasets']['train'], args.seed))
+    if kind != 'tpdiff':
+        images = _train(model, loader, total, 0, args, val, curve, name) or images
+    else:
+        images = _train(model, loader, args.iters, 0, args, val, curve, name) or images
+        if args.stage2_iters > 0:
+            model.save(0, args.iters)
+            opt2 = build_options(args.stage2_opt, spec, 2, data_root, work, f'{name}-s2', num_gpu)
+            _stage1_paths(opt2, os.path.join(work, f'{name}-s1'), args.iters)
+            set_random_seed(args.seed + 1)
+            model = build_model(opt2)
+            images = _train(model, loader, args.stage2_iters, args.iters, args, val, curve, name) or images
+    return {'name': name, 'kind': kind, 'curve': curve, 'seconds': time.time() - t0, 'images': images}
+
+
+def _run_in_child(name, spec, args, data_roots, work):
+    import contextlib
+    import io
+    import traceback
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):  # basicsr prints network summaries; keep the table readable
+            return run_variant(name, spec, args, data_roots, work)
+    except Exception as e:  # one broken variant must not lose the others' hours of training
+        return {'name': name, 'kind': spec.get('kind', 'tpdiff'), 'error': f'{type(e).__name__}: {e}',
+                'traceback': traceback.format_exc()}
+
+
+def format_table(results, input_metrics):
+    lines = [f'input (blurry): {input_metrics["psnr"]:.2f} dB / {input_metrics["ssim"]:.4f} SSIM', '',
+             '| variant | PSNR | SSIM | gain dB | artifact dB | best PSNR (iter) | PSNR curve (iter: dB) | min |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in results:
+        if 'error' in r:
+            lines.append(f'| {r["name"]} | failed: {r["error"]} | | | | | | |')
+            continue
+        last = r['curve'][-1]
+        best = max(r['curve'], key=lambda c: c['psnr'])
+        curve = ' '.join(f'{c["iter"]}:{c["psnr"]:.2f}' for c in r['curve'])
+        lines.append(f'| {r["name"]} | {last["psnr"]:.2f} | {last["ssim"]:.4f} | {last["psnr"] - input_metrics["psnr"]:+.2f} '
+                     f'| {last["artifact_db"]:+.2f} | {best["psnr"]:.2f} ({best["iter"]}) | {curve} | '
+                     f'{r["seconds"] / 60:.1f} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    variants = define_variants(args.define, VARIANTS)
+    if args.list:
+        for name, spec in variants.items():
+            print(f'{name}: {json.dumps(spec)}')
+        return 0
+    names = [n for n in args.variants.split(',') if n]
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        print(f'unknown variant(s): {", ".join(unknown)} (known: {", ".join(variants)})', file=sys.stderr)
+        return 2
+    if args.threads is None and args.jobs > 1:
+        args.threads = 1
+    import tpdiff_plugin  # noqa: F401
+    from tpdiff_plugin.tools.make_demo import build_demo
+    with tempfile.TemporaryDirectory(prefix='tpdiff-quality-') as tmp:
+        work = os.path.abspath(args.keep) if args.keep else tmp
+        os.makedirs(work, exist_ok=True)
+        data_roots = {}
+        for domains in sorted({variants[n].get('data', 'matched') for n in names}):
+            if args.data and domains == 'matched':
+                data_roots[domains] = args.data
+            else:
+                data_roots[domains] = os.path.join(work, f'demo-{domains}')
+                build_demo(data_roots[domains], seed=0, domains=domains)
+        print(f'quality harness: {len(names)} variants, {args.iters} + {args.stage2_iters} iterations, '
+              f'eval every {args.eval_every}, seed {args.seed}, {args.jobs} job(s)', flush=True)
+        t0 = time.time()
+        results = {}
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs, mp_context=get_context('spawn')) as pool:
+                futures = {n: pool.submit(_run_in_child, n, variants[n], args, data_roots, work) for n in names}
+                for n in names:
+                    results[n] = futures[n].result()
+                    _report_one(results[n])
+        else:
+            for n in names:
+                results[n] = _run_in_child(n, variants[n], args, data_roots, work)
+                _report_one(results[n])
+        ordered = [results[n] for n in names]
+        good = [r for r in ordered if 'error' not in r]
+        if not good:
+            return 1
+        input_metrics = good[0]['curve'][0]
+        print()
+        print(format_table(ordered, input_metrics))
+        print(f'\n(gain: last PSNR minus the input\'s; artifact: periodic peaks added over the input, dB; '
+              f'min: training minutes; total {(time.time() - t0) / 60:.1f} min)')
+        if args.out:
+            import cv2
+            import numpy as np
+            os.makedirs(args.out, exist_ok=True)
+            for r in good:
+                cv2.imwrite(os.path.join(args.out, f'{r["name"]}.png'), np.concatenate(r['images'], axis=0))
+        if args.json:
+            with open(args.json, 'w', encoding='utf-8') as f:
+                json.dump({'args': vars(args), 'input': input_metrics,
+                           'variants': [{k: v for k, v in r.items() if k != 'images'} for r in ordered]}, f, indent=1)
+    return 0 if len(good) == len(ordered) else 1
+
+
+def _report_one(r):
+    if 'error' in r:
+        print(f'  FAILED: {r["name"]}: {r["error"]}\n{r["traceback"]}', flush=True)
+        return
+    curve = ' '.join(f'{c["iter"]}:{c["psnr"]:.2f}/{c["artifact_db"]:+.1f}' for c in r['curve'])
+    print(f'  done: {r["name"]} ({r["seconds"] / 60:.1f} min) PSNR/artifact dB by iteration: {curve}', flush=True)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
