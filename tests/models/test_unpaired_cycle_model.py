@@ -341,6 +341,45 @@ def test_sharp_cycle_weight_and_its_gradient_to_rb():
     assert logs[True]['l_cyc_blur'] == pytest.approx(plain['l_cyc_blur'].item(), rel=1e-5)
 
 
+def test_sharp_cycle_noise_degrades_only_dn_input_of_the_sharp_cycle():
+    """DN's sharp-cycle input is RN(s) plus noise of the asked sigma, on the 8-bit grid; RN still gets gradient."""
+    data = batch(15, n=4, size=32)
+    model = build(make_opt(sharp_cycle_noise=[2, 2]), seed=1)
+    model.feed_data(data)
+    seen = []
+    model.bare('g').register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model._set_d_requires_grad(False)
+    _, losses = model.generator_losses()
+    dn_in = seen[0]
+    with torch.no_grad():
+        clean = model.bare('rb')(data['ref'])
+    assert torch.equal(dn_in[:4], data['lq'])  # the real blurry chunk is untouched
+    inside = (clean > 0.05) & (clean < 0.95)  # away from the clamp to [0, 1]
+    assert inside.float().mean() > 0.3
+    noise = (dn_in[4:] - clean).detach()[inside]
+    assert torch.allclose(dn_in[4:] * 255, torch.round(dn_in[4:] * 255), atol=1e-3)  # rounded to 8 bits
+    # sigma 2/255 plus rounding (uniform, std 1/sqrt(12)/255): std of the difference ~ 2.02/255
+    assert noise.std().item() * 255 == pytest.approx(math.sqrt(4 + 1 / 12), rel=0.1)
+    assert abs(noise.mean().item()) * 255 < 0.2
+    assert _grad_norm(losses['l_cyc_sharp'], model.bare('rb').parameters()) > 0  # straight-through rounding
+    assert torch.equal(model.fake_b, clean)  # D_B and the pool see RN(s) itself
+
+    # the default leaves DN's input exactly RN(s)
+    plain = build(make_opt(), seed=1)
+    plain.feed_data(data)
+    seen.clear()
+    plain.bare('g').register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        plain.generator_losses()
+        assert torch.equal(seen[0][4:], plain.bare('rb')(data['ref']))
+
+
+@pytest.mark.parametrize('value', [-1, [3, 1], [1, 2, 3], 'high', True])
+def test_sharp_cycle_noise_rejects_bad_values(value):
+    with pytest.raises(UserError, match='train.sharp_cycle_noise'):
+        build(make_opt(sharp_cycle_noise=value))
+
+
 def test_r1_penalty_is_the_squared_gradient_of_d_on_real_images():
     model = build(make_opt(r1_weight=10.0))
     data = batch(13)

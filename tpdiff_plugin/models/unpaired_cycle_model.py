@@ -28,6 +28,10 @@ objective; the demo recipe and ``bench/quality.py`` use them):
                          ``gan_opt``, which then serves D_B / RN only).
   sharp_cycle_trains_rb  false: DN's input b~ in the sharp cycle is detached, so that cycle trains DN only
                          and RN cannot make its blur easier to undo instead of more realistic (default true).
+  sharp_cycle_noise      sigma of Gaussian noise (0-255 units; a number or a [low, high] range drawn per image)
+                         added to b~ = RN(s), then rounded to 8 bits, before DN sees it in the sharp cycle.
+                         Real blurry photos are noisy and quantised; a noise-free b~ teaches DN an inverse
+                         filter that amplifies their noise (default: none).
   identity_opt           L1 on DN(s) against s: a sharp image should pass DN unchanged (CycleGAN's identity
                          loss), which keeps colours and flat regions; DN sees a third chunk, s.
   r1_weight              gamma of the R1 penalty (gamma/2 E|grad_x D(x)|^2 on real images): one number for
@@ -263,6 +267,7 @@ class UnpairedCycleModel(SRModel):
         self.cri_identity = build_loss(train_opt['identity_opt']).to(self.device) if train_opt.get('identity_opt') \
             else None
         self.sharp_cycle_trains_rb = bool(train_opt.get('sharp_cycle_trains_rb', True))
+        self.sharp_cycle_noise = self._noise_range(train_opt.get('sharp_cycle_noise'))
         self.r1_weights = self._r1_weights(train_opt.get('r1_weight', 0))
         self.d_update_every = train_opt.get('d_update_every', 1)
         if isinstance(self.d_update_every, bool) or not isinstance(self.d_update_every, int) \
@@ -281,6 +286,26 @@ class UnpairedCycleModel(SRModel):
 
         self.setup_optimizers()
         self.setup_schedulers()
+
+    @staticmethod
+    def _noise_range(value):
+        """``train.sharp_cycle_noise`` as ``(low, high)`` in 0-255 units, or None."""
+        if value is None:
+            return None
+        pair = value if isinstance(value, (list, tuple)) else [value, value]
+        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in pair) \
+                or pair[0] > pair[1]:
+            raise UserError(f'train.sharp_cycle_noise: must be a sigma >= 0 or a range [low, high] (0-255 units), '
+                            f'got {value!r}')
+        return float(pair[0]), float(pair[1])
+
+    def degrade_reblurred(self, fake_b):
+        """``fake_b`` plus Gaussian noise of a per-image sigma from ``train.sharp_cycle_noise``, rounded to 8 bits
+        (a straight-through rounding, so gradients still reach RN when the sharp cycle trains it)."""
+        low, high = self.sharp_cycle_noise
+        sigma = torch.empty(fake_b.shape[0], 1, 1, 1, device=fake_b.device).uniform_(low, high) / 255
+        noisy = (fake_b + torch.randn_like(fake_b) * sigma).clamp(0, 1)
+        return noisy + (torch.round(noisy * 255) / 255 - noisy).detach()
 
     def _r1_weights(self, value):
         """``train.r1_weight`` as ``{D label: gamma > 0}``."""
@@ -364,7 +389,10 @@ class UnpairedCycleModel(SRModel):
             raise ValueError(f'blurry and sharp batches differ in size: {b.shape[0]} vs {s.shape[0]}')
         n = b.shape[0]
         fake_b = self.net_rb(s)
-        chunks = [b, fake_b if self.sharp_cycle_trains_rb else fake_b.detach()]
+        fake_b_in = fake_b if self.sharp_cycle_trains_rb else fake_b.detach()
+        if self.sharp_cycle_noise is not None:
+            fake_b_in = self.degrade_reblurred(fake_b_in)
+        chunks = [b, fake_b_in]
         if self.cri_identity is not None:
             chunks.append(s)
         out, extra = self.deblur_train(torch.cat(chunks), s)  # one DN pass for all chunks

@@ -82,7 +82,7 @@ NETWORK_LABELS = ('g', 'rb', 'tpe', 'd_sharp', 'd_blur', 'd_wave')
 TRAIN_KEYS = {'optim_g', 'optim_d', 'scheduler', 'total_iter', 'warmup_iter', 'pool_size', 'gan_opt', 'cycle_opt',
               'wave_opt', 'diff_opt', 'ema_decay', 'joint_train', 'use_tpe', 'max_bad_iters', 'cycle_sharp_opt',
               'identity_opt', 'sharp_cycle_trains_rb', 'r1_weight', 'd_update_every', 'sharp_cycle_prior',
-              'dm_target', 'gan_sharp_opt'}
+              'dm_target', 'gan_sharp_opt', 'sharp_cycle_noise'}
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'sample_seed', 'pbar', 'rgb2bgr', 'use_image'}
 LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'}
 PATH_KEYS = {'resume_state', 'ignore_resume_networks', 'root', 'experiments_root', 'models', 'training_states',
