@@ -37,7 +37,8 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 # The quality harness (bench/quality.py): demo-size TP-Diff trained from scratch under named variants, side
-# by side, against the identity, the supervised ceiling and the CycleGAN baseline (about 1.5 h on 2 cores).
+# by side, against the identity, the supervised ceiling and the CycleGAN baseline (about 1 h on 2 free cores,
+# estimated: the 300 + 200 run in bench/README.md took 70 min on one core).
 quality: $(STAMP)
 	$(PY) bench/quality.py --jobs 2
 
