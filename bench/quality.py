@@ -125,12 +125,12 @@ def parse_args(argv=None):
 def _parse_value(text):
     import yaml
     value = yaml.safe_load(text)
-    if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as text
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+    if not isinstance(value, str):
+        return value
+    try:  # YAML 1.1 reads 5e-5 (no dot) as text
+        return float(value)
+    except ValueError:
+        return value
 
 
 def define_variants(defines, variants):
@@ -318,9 +318,9 @@ def run_variant(name, spec, args, data_roots, work):
         train.update(type='PairedImageDataset', dataroot_lq=train.pop('dataroot_blur'),
                      dataroot_gt=os.path.join(data_root, 'train_blur_gt.lmdb'), io_backend={'type': 'lmdb'})
         train.pop('dataroot_sharp')
-        for key in ('optim_d', 'gan_opt', 'cycle_opt', 'wave_opt', 'pool_size', 'identity_opt', 'cycle_sharp_opt',
-                    'sharp_cycle_trains_rb', 'r1_weight', 'sharp_cycle_prior', 'd_update_every', 'dm_target'):
-            opt['train'].pop(key, None)
+        # only what SRModel reads: none of the unpaired game's losses and options
+        opt['train'] = {k: v for k, v in opt['train'].items()
+                        if k in ('optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'ema_decay')}
         opt['train']['pixel_opt'] = {'type': 'L1Loss', 'loss_weight': 1.0}
         opt['train']['optim_g']['betas'] = [0.9, 0.99]  # basicsr's supervised default (0.5 is for GANs)
         for key in [k for k in opt if k.startswith('network_') and k != 'network_g']:

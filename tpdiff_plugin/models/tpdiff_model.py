@@ -175,12 +175,22 @@ class TPDiffModel(UnpairedCycleModel):
             return sharp
         return [sharp] + [self.other_sharp] * (blur.shape[0] // sharp.shape[0] - 1)
 
-    def inference_memory(self):
-        """The memory stage-1 validation and the w/o-DM ablation read (None: the learned memory)."""
-        tpe = self.bare('tpe')
-        if self.dm_target == 'ema_memory' and int(tpe.memory_ema_updates) > 0:
-            return tpe.memory_ema
+    def _inference_source(self):
+        """Which memory stage-1 validation and the w/o-DM ablation read: 'ema' (the TPE's memory EMA), 'batch'
+        (written from the most recent training sharp batch, stage 1) or 'learned' (the learned memory)."""
+        if self.dm_target == 'ema_memory' and int(self.bare('tpe').memory_ema_updates) > 0:
+            return 'ema'
         if self.stage == 1 and self.last_sharp is not None:
+            return 'batch'
+        return 'learned'
+
+    def inference_memory(self):
+        """The memory of :meth:`_inference_source` (None: the learned memory)."""
+        tpe = self.bare('tpe')
+        source = self._inference_source()
+        if source == 'ema':
+            return tpe.memory_ema
+        if source == 'batch':
             return tpe.write(self.last_sharp)
         return None
 
@@ -218,9 +228,10 @@ class TPDiffModel(UnpairedCycleModel):
         if self.stage == 2 and self.has_dm:
             return f'DM sampling (T={self.bare("g").dm.timesteps})'
         suffix = '' if self.stage == 1 else ' (w/o DM)'
-        if self.dm_target == 'ema_memory' and int(self.bare('tpe').memory_ema_updates) > 0:
+        source = self._inference_source()
+        if source == 'ema':
             return f'TPE memory EMA of {int(self.bare("tpe").memory_ema_updates)} training writes{suffix}'
-        if self.stage == 1 and self.last_sharp is not None:
+        if source == 'batch':
             return f'TPE memory from training sharp batch ({self.last_sharp.shape[0]} images)'
         return f'TPE learned memory without sharp enhancement{suffix}'
 

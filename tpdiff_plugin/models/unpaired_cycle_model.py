@@ -65,6 +65,18 @@ from tpdiff_plugin import compat
 from tpdiff_plugin.utils.errors import UserError
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(train_opt, key, default):
+    """``train.<key>`` (``default`` when absent), checked to be an integer >= 1."""
+    value = train_opt.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f'train.{key}: must be a positive integer, got {value!r}')
+    return value
+
+
 class ImageHistoryPool:
     """CycleGAN's history of generated images, so a discriminator also sees older fakes.
 
@@ -259,7 +271,7 @@ class UnpairedCycleModel(SRModel):
         if self.cri_wave is not None and not hasattr(self.cri_wave, 'highpass'):
             raise UserError('train.wave_opt.type must be WaveletGANLoss (a GAN loss with a wavelet highpass)')
 
-        # None: the shared gan_opt / cycle_opt loss serves (looked up at use, see gan_sharp / cycle_sharp)
+        # None: the shared gan_opt / cycle_opt loss serves (see gan_sharp_loss / cycle_sharp_loss)
         self.cri_gan_sharp = build_loss(train_opt['gan_sharp_opt']).to(self.device) \
             if train_opt.get('gan_sharp_opt') else None
         self.cri_cycle_sharp = build_loss(train_opt['cycle_sharp_opt']).to(self.device) \
@@ -269,16 +281,10 @@ class UnpairedCycleModel(SRModel):
         self.sharp_cycle_trains_rb = bool(train_opt.get('sharp_cycle_trains_rb', True))
         self.sharp_cycle_noise = self._noise_range(train_opt.get('sharp_cycle_noise'))
         self.r1_weights = self._r1_weights(train_opt.get('r1_weight', 0))
-        self.d_update_every = train_opt.get('d_update_every', 1)
-        if isinstance(self.d_update_every, bool) or not isinstance(self.d_update_every, int) \
-                or self.d_update_every < 1:
-            raise UserError(f'train.d_update_every: must be a positive integer, got {self.d_update_every!r}')
+        self.d_update_every = _positive_int(train_opt, 'd_update_every', 1)
         self.train_stats = OrderedDict()  # logged with the losses (not summed into them), e.g. TPE memory usage
 
-        max_bad = train_opt.get('max_bad_iters', 10)
-        if isinstance(max_bad, bool) or not isinstance(max_bad, int) or max_bad < 1:
-            raise UserError(f'train.max_bad_iters: must be a positive integer, got {max_bad!r}')
-        self.max_bad_iters = max_bad
+        self.max_bad_iters = _positive_int(train_opt, 'max_bad_iters', 10)
         self.bad_iters = 0  # consecutive iterations with a non-finite loss
 
         pool_size = train_opt.get('pool_size', 50)
@@ -287,14 +293,23 @@ class UnpairedCycleModel(SRModel):
         self.setup_optimizers()
         self.setup_schedulers()
 
+    @property
+    def gan_sharp_loss(self):
+        """D_S's GAN loss: ``gan_sharp_opt``'s, else the shared ``gan_opt``'s (looked up at use)."""
+        return self.cri_gan_sharp or self.cri_gan
+
+    @property
+    def cycle_sharp_loss(self):
+        """The sharp cycle's loss: ``cycle_sharp_opt``'s, else the shared ``cycle_opt``'s."""
+        return self.cri_cycle_sharp or self.cri_cycle
+
     @staticmethod
     def _noise_range(value):
         """``train.sharp_cycle_noise`` as ``(low, high)`` in 0-255 units, or None."""
         if value is None:
             return None
         pair = value if isinstance(value, (list, tuple)) else [value, value]
-        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in pair) \
-                or pair[0] > pair[1]:
+        if len(pair) != 2 or not all(_is_number(v) and v >= 0 for v in pair) or pair[0] > pair[1]:
             raise UserError(f'train.sharp_cycle_noise: must be a sigma >= 0 or a range [low, high] (0-255 units), '
                             f'got {value!r}')
         return float(pair[0]), float(pair[1])
@@ -318,7 +333,7 @@ class UnpairedCycleModel(SRModel):
             weights = {label: value for label in self.discriminator_labels}
         out = {}
         for label, w in weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            if not _is_number(w) or w < 0:
                 raise UserError(f'train.r1_weight: must be a number >= 0 (or a mapping of them), got {w!r}')
             if w > 0 and label in self.discriminator_labels:
                 out[label] = float(w)
@@ -402,11 +417,10 @@ class UnpairedCycleModel(SRModel):
 
         losses = OrderedDict()
         # discriminators are frozen here; their bare modules keep DDP's reducer out of the G step
-        losses['l_g_gan_sharp'] = (self.cri_gan_sharp or self.cri_gan)(self.bare('d_sharp')(fake_s), True,
-                                                                        is_disc=False)
+        losses['l_g_gan_sharp'] = self.gan_sharp_loss(self.bare('d_sharp')(fake_s), True, is_disc=False)
         losses['l_g_gan_blur'] = self.cri_gan(self.bare('d_blur')(fake_b), True, is_disc=False)
         losses['l_cyc_blur'] = self.cri_cycle(rec_b, b)
-        losses['l_cyc_sharp'] = (self.cri_cycle_sharp or self.cri_cycle)(rec_s, s)
+        losses['l_cyc_sharp'] = self.cycle_sharp_loss(rec_s, s)
         if self.cri_identity is not None:
             losses['l_idt'] = self.cri_identity(out[2 * n:], s)
         if self.use_wave:
@@ -427,7 +441,7 @@ class UnpairedCycleModel(SRModel):
         fake_s = self.pools['sharp'].query(self.fake_s)
         fake_b = self.pools['blur'].query(self.fake_b)
         losses['l_d_sharp_real'], losses['l_d_sharp_fake'] = self._d_pair('d_sharp', self.ref, fake_s,
-                                                                          self.cri_gan_sharp or self.cri_gan)
+                                                                          self.gan_sharp_loss)
         losses['l_d_blur_real'], losses['l_d_blur_fake'] = self._d_pair('d_blur', self.lq, fake_b, self.cri_gan)
         if self.use_wave:
             hp = self.cri_wave.highpass
@@ -495,11 +509,8 @@ class UnpairedCycleModel(SRModel):
         l_g_total.backward()
         self.optimizer_g.step()
         if (current_iter - 1) % self.d_update_every:  # no D update this iteration
-            self.log_dict = self.reduce_loss_dict(g_losses)
-            self.log_dict.update(self.train_stats)
-            self.bad_iters = 0
-            if self.ema_decay > 0:
-                self.model_ema(decay=self.ema_decay)
+            self.log_dict = self._training_log(g_losses)
+            self._good_step_done()
             return
         # discriminator step
         self._set_d_requires_grad(True)
@@ -507,8 +518,7 @@ class UnpairedCycleModel(SRModel):
         pools = {k: list(p.images) for k, p in self.pools.items()}  # restored if the D loss is bad
         l_d_total, d_losses = self.discriminator_losses()
         g_losses.update(d_losses)
-        self.log_dict = self.reduce_loss_dict(g_losses)
-        self.log_dict.update(self.train_stats)
+        self.log_dict = self._training_log(g_losses)
         bad = self._bad_terms(d_losses)
         if bad:
             for k, images in pools.items():
@@ -518,6 +528,15 @@ class UnpairedCycleModel(SRModel):
             return
         l_d_total.backward()
         self.optimizer_d.step()
+        self._good_step_done()
+
+    def _training_log(self, losses):
+        """The losses (reduced over ranks) and the training statistics (e.g. TPE usage), for the logger."""
+        log = self.reduce_loss_dict(losses)
+        log.update(self.train_stats)
+        return log
+
+    def _good_step_done(self):
         self.bad_iters = 0
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)

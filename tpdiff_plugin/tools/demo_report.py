@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from tpdiff_plugin.utils.artifacts import periodic_artifact_db
 from tpdiff_plugin.utils.errors import UserError
 
 DEFAULT_BLUR = os.path.join('datasets_lmdb', 'demo', 'val_blur.lmdb')
@@ -121,8 +122,6 @@ def collect(results_dir, blur_root, sharp_root):
 def metrics_table(rows):
     """``(per-image list of dicts, mean dict)`` of input/output PSNR and SSIM."""
     from basicsr.metrics import calculate_psnr, calculate_ssim
-
-    from tpdiff_plugin.utils.artifacts import periodic_artifact_db
     per_image = []
     for key, blur, out, sharp in rows:
         per_image.append({
@@ -217,7 +216,6 @@ def main(argv=None):
         print(format_table(per_image, mean))
         real_rows = deblur_real(args.real, args.weights, args.opt) if args.real else ()
         for name, blur, out in real_rows:
-            from tpdiff_plugin.utils.artifacts import periodic_artifact_db
             print(f'{name} (real blur, no ground truth): artifact {periodic_artifact_db(out, blur):+.2f} dB, '
                   f'mean |output - input| {np.abs(out.astype(float) - blur).mean():.2f} grey levels')
         results = os.path.normpath(args.results)

@@ -165,11 +165,10 @@ def load_folder_photos(folder):
 
 def training_tiles(domains, extra_photos=None):
     """``(blurry, sharp)``: lists of ``(photo, top, left)`` training tiles for ``domains`` (see the module
-    docstring), in a fixed order, and ``{photo: RGB image}``. Tiles with too little texture are skipped."""
+    docstring), in a fixed order, and ``{photo: RGB image}``. Tiles with too little texture are skipped.
+    ``extra_photos`` join the matched pool (``build_demo`` refuses them with ``split`` before loading them)."""
     if domains not in DOMAINS:
         raise UserError(f'--domains: must be one of {", ".join(DOMAINS)}, got {domains!r}')
-    if extra_photos and domains != 'matched':
-        raise UserError('--photos: extra photos join the matched pool; use --domains matched')
     blurry, sharp = [], []
     names = MATCHED_PHOTOS if domains == 'matched' else BLUR_PHOTOS + SHARP_PHOTOS
     photos = {name: load_photo(name) for name in names}
