@@ -520,6 +520,21 @@ def test_stage1_validation_reads_the_memory_ema_by_default(tmp_path):
     torch.testing.assert_close(model.output, output_with_memory_ema(model, lq))
 
 
+def test_stage1_validation_leaves_the_memory_ema_alone(tmp_path):
+    """With dm_target: batch, validation writes a memory from the last training sharp batch: that write is not
+    a training write, so the memory EMA (and its count) must not change."""
+    model = build(make_opt(str(tmp_path), stage=1, dm_target='batch'))
+    model.feed_data(batch(1))
+    model.optimize_parameters(1)
+    tpe = model.bare('tpe')
+    ema, updates = tpe.memory_ema.clone(), int(tpe.memory_ema_updates)
+    assert updates == 1 and tpe.training
+    model.feed_data({'lq': torch.rand(1, 3, 24, 24)})
+    model.test()
+    assert int(tpe.memory_ema_updates) == updates and torch.equal(tpe.memory_ema, ema)
+    assert tpe.training  # back in training mode for the next iteration
+
+
 def test_default_networks_start_as_the_identity_in_training(tmp_path):
     """With the class defaults (identity_init) an untrained DN and RN return their inputs exactly."""
     opt = make_opt(str(tmp_path), stage=1)

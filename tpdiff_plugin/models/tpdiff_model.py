@@ -190,8 +190,13 @@ class TPDiffModel(UnpairedCycleModel):
         source = self._inference_source()
         if source == 'ema':
             return tpe.memory_ema
-        if source == 'batch':
-            return tpe.write(self.last_sharp)
+        if source == 'batch':  # an inference write: eval mode, so it does not count in the memory EMA
+            was_training = tpe.training
+            tpe.eval()
+            try:
+                return tpe.write(self.last_sharp)
+            finally:
+                tpe.train(was_training)
         return None
 
     def _log_usage(self, index, n):
