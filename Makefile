@@ -27,11 +27,11 @@ test: $(STAMP)
 # Earlier demo runs are archived by basicsr (experiments/*_archived_<time>); `make clean-demo` removes them.
 demo: $(STAMP)
 	$(VENV)/bin/tpdiff make-demo --force
-	$(VENV)/bin/basicsr train -opt options/demo_stage1.yml
-	$(VENV)/bin/basicsr train -opt options/demo_stage2.yml
-	$(VENV)/bin/basicsr test -opt options/test_tpdiff_demo.yml
+	$(VENV)/bin/basicsr train -opt options/demo/stage1.yml
+	$(VENV)/bin/basicsr train -opt options/demo/stage2.yml
+	$(VENV)/bin/basicsr test -opt options/test/demo.yml
 	$(PY) -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test --real datasets_lmdb/demo/real \
-		--weights experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth --opt options/demo_stage2.yml
+		--weights experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth --opt options/demo/stage2.yml
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -13,8 +13,8 @@ artifact measure (``tpdiff_plugin.utils.artifacts``: output's spectral peaks at 
 minus the input's, in dB; 0 = none added, a visible checkerboard is > +3), and the PSNR curve over
 iterations, so that degradation with training shows. Kinds of variant:
 
-- ``tpdiff``: TPDiffModel stage 1 for ``--iters`` iterations from ``options/demo_stage1.yml``, then
-  stage 2 for ``--stage2-iters`` from ``options/demo_stage2.yml``, loading the stage-1 checkpoints the
+- ``tpdiff``: TPDiffModel stage 1 for ``--iters`` iterations from ``options/demo/stage1.yml``, then
+  stage 2 for ``--stage2-iters`` from ``options/demo/stage2.yml``, loading the stage-1 checkpoints the
   way the options name them (the discriminators and their optimizer state only if the options do).
   The curve runs through both stages; stage 2 validates with the DM's prior sampled from noise.
 - ``cycle``: the plain UnpairedCycleModel (CycleGAN baseline): the same TPDiffNet with no prior
@@ -43,8 +43,8 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # see bench/README.md: spin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-STAGE1 = os.path.join(REPO, 'options', 'demo_stage1.yml')
-STAGE2 = os.path.join(REPO, 'options', 'demo_stage2.yml')
+STAGE1 = os.path.join(REPO, 'options', 'demo', 'stage1.yml')
+STAGE2 = os.path.join(REPO, 'options', 'demo', 'stage2.yml')
 
 # What the first demo recipe did, which the demo options have since changed (the "shipped" row is this; each
 # "shipped+<change>" row switches one structural change of issue 9 on). Stage-2-only keys are prefixed "s2:".

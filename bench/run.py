@@ -14,7 +14,7 @@ Rows (medians over interleaved repeats; machines are noisy, so only ratios from 
   (``deform_filter(impl='auto')`` uses grid_sample on CPU and torchvision on CUDA);
 - peak memory of one 512x512 tile of the paper-size network (CPU: RSS high-water mark of a fresh process)
   and the estimate for a 3840x2160 photo deblurred with 512 tiles (tile peak + image-sized buffers);
-- one stage-2 training iteration of ``options/demo_stage2.yml`` (TPDiffModel built in-process with basicsr's
+- one stage-2 training iteration of ``options/demo/stage2.yml`` (TPDiffModel built in-process with basicsr's
   ``build_model``, tiny synthetic data), split into data, G and D time.
 
 CUDA runs use bf16 autocast and channels_last; ``--compile`` adds torch.compile (guarded: a network that
@@ -316,7 +316,7 @@ def main(argv=None):
                       f'accumulator, result, weight map, noise); {fits}')
 
     # ------------------------------------------------------------------ stage-2 training iteration
-    stage2 = os.path.join(REPO, 'options', 'demo_stage2.yml')
+    stage2 = os.path.join(REPO, 'options', 'demo', 'stage2.yml')
     from basicsr.utils.registry import MODEL_REGISTRY
     names = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
     if args.no_train:
@@ -324,14 +324,14 @@ def main(argv=None):
             table.skip(n, 'ms', 'skipped (--no-train)')
     elif not os.path.isfile(stage2) or 'TPDiffModel' not in MODEL_REGISTRY:
         for n in names:
-            table.skip(n, 'ms', 'skipped: options/demo_stage2.yml or the TPDiffModel registration is missing')
+            table.skip(n, 'ms', 'skipped: options/demo/stage2.yml or the TPDiffModel registration is missing')
     else:
         iters = 3 if args.quick else 6
         log(f'stage-2 training, {iters} iterations (the first is a warm-up)')
         rows, batch, patch = benchlib.stage2_training_times(stage2, device, iters)
         for n, key in zip(names, ('data', 'G', 'D')):
             table.add(n, 1e3 * median(rows[key][1:]), 'ms',
-                      f'demo_stage2.yml, batch {batch} x {patch}px, synthetic folder data, median of {iters - 1}')
+                      f'demo/stage2.yml, batch {batch} x {patch}px, synthetic folder data, median of {iters - 1}')
 
     # ------------------------------------------------------------------ optional: a real 4K deblur
     if args.deblur_4k:

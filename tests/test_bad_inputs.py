@@ -248,7 +248,7 @@ def test_basicsr_train_empty_lmdb(in_tmp, demo_data, capsys):
 
 
 def test_basicsr_train_stage2_missing_stage1_checkpoint(in_tmp, demo_data, capsys):
-    opt = tiny_options(demo_data, 'bad2', stage_file='demo_stage2.yml')
+    opt = tiny_options(demo_data, 'bad2', stage_file='demo/stage2.yml')
     missing = in_tmp / 'experiments' / 'stage1' / 'models' / 'net_tpe_latest.pth'
     opt['path'].update(pretrain_network_tpe=str(missing))
     path = write_options(in_tmp, opt)
@@ -258,7 +258,7 @@ def test_basicsr_train_stage2_missing_stage1_checkpoint(in_tmp, demo_data, capsy
 
 
 def test_basicsr_train_stage2_without_stage1_paths(in_tmp, demo_data, capsys):
-    opt = tiny_options(demo_data, 'bad3', stage_file='demo_stage2.yml')
+    opt = tiny_options(demo_data, 'bad3', stage_file='demo/stage2.yml')
     for key in list(opt['path']):
         if key.startswith(('pretrain_network', 'resume_optim')):
             opt['path'][key] = None
@@ -295,7 +295,7 @@ def test_basicsr_train_full_disk_at_a_checkpoint(tmp_path, demo_data):
 
 # ----------------------------------------------------------------------------------- basicsr test
 def test_basicsr_test_unknown_key_and_missing_data(in_tmp, capsys):
-    opt = yaml.safe_load((REPO / 'options' / 'test_tpdiff_demo.yml').read_text())
+    opt = yaml.safe_load((REPO / 'options' / 'test' / 'demo.yml').read_text())
     opt['netwrok_tpe'] = opt.pop('network_tpe', {})
     path = in_tmp / 't.yml'
     path.write_text(yaml.safe_dump(opt))
@@ -371,9 +371,9 @@ def test_make_lmdb_missing_input(tmp_path, capsys):
 
 @pytest.fixture(scope='module')
 def demo_weights(tmp_path_factory):
-    """Weights for options/demo_stage2.yml's network_g (as initialised: the values do not matter here)."""
+    """Weights for options/demo/stage2.yml's network_g (as initialised: the values do not matter here)."""
     from basicsr.archs import build_network
-    opt = yaml.safe_load((REPO / 'options' / 'demo_stage2.yml').read_text())
+    opt = yaml.safe_load((REPO / 'options' / 'demo' / 'stage2.yml').read_text())
     torch.manual_seed(0)
     net = build_network(opt['network_g'])
     path = tmp_path_factory.mktemp('w') / 'net_g.pth'
@@ -383,7 +383,7 @@ def demo_weights(tmp_path_factory):
 
 def _deblur(inp, out, weights, *extra):
     return cli.tpdiff_main(['deblur', '-i', str(inp), '-o', str(out), '--weights', str(weights), '--opt',
-                            str(REPO / 'options' / 'demo_stage2.yml'), '--quiet', '--device', 'cpu', *extra])
+                            str(REPO / 'options' / 'demo' / 'stage2.yml'), '--quiet', '--device', 'cpu', *extra])
 
 
 @pytest.mark.parametrize('kind', ['corrupt_jpeg', 'not_an_image'])
@@ -423,7 +423,7 @@ def test_prior_scale_always_divides_the_padded_size(prior_scale):
     """TPDiffNet pads to a multiple of lcm(8, prior_scale), so an odd prior_scale and odd sizes still work and
     the output is cropped back to the input size."""
     from basicsr.archs import build_network
-    opt = yaml.safe_load((REPO / 'options' / 'demo_stage2.yml').read_text())['network_g']
+    opt = yaml.safe_load((REPO / 'options' / 'demo' / 'stage2.yml').read_text())['network_g']
     opt.update(prior_scale=prior_scale, dim=4, dm_feats=8, dm_timesteps=2, prior_ch=8, prior_hidden=4)
     net = build_network(opt).eval()
     x = torch.rand(1, 3, 13, 29)
@@ -443,7 +443,7 @@ def test_compare_missing_and_invalid_options(tmp_path, capsys):
 
 def test_basicsr_train_stage2_with_a_missing_resume_optim_d(in_tmp, demo_data, capsys):
     """A wrong path.resume_optim_d is one line naming the key, and nothing is created at that path."""
-    opt = tiny_options(demo_data, 'bad4', stage_file='demo_stage2.yml')
+    opt = tiny_options(demo_data, 'bad4', stage_file='demo/stage2.yml')
     for key in list(opt['path']):
         if key.startswith('pretrain_network'):
             opt['path'][key] = None

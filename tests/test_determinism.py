@@ -14,8 +14,8 @@ from tpdiff_plugin.tools.make_demo import build_demo
 LOSS_LINE = re.compile(r'iter:\s+(\d+), lr:.*?\]\s+(l_.*)$')
 
 
-def tiny_options(data, name, total_iter=20, save_freq=5, stage_file='demo_stage1.yml'):
-    """options/demo_stage1.yml shrunk to seconds: 32 px patches, 2 per batch, 4-channel nets, no validation.
+def tiny_options(data, name, total_iter=20, save_freq=5, stage_file='demo/stage1.yml'):
+    """options/demo/stage1.yml shrunk to seconds: 32 px patches, 2 per batch, 4-channel nets, no validation.
 
     The demo training set has 35 blurry images, so one epoch is 17 iterations (drop_last)."""
     opt = yaml.safe_load((REPO / 'options' / stage_file).read_text())

@@ -65,9 +65,9 @@ BASICSR_FILES = [p for p in ALL_YAML if _is_basicsr_options(p)]
 def test_every_yaml_parses_and_the_expected_files_exist():
     for path in ALL_YAML:
         assert isinstance(load(path), dict), name(path)
-    expected = ['tpdiff_stage1.yml', 'tpdiff_stage2.yml', 'test_tpdiff_gopro.yml', 'test_tpdiff_hide.yml',
-                'test_tpdiff_realblur_j.yml', 'test_tpdiff_realblur_r.yml', 'demo_stage1.yml', 'demo_stage2.yml',
-                'test_tpdiff_demo.yml'] + [f'ablations/tpdiff_stage2_wo_{p}.yml' for p in ABLATIONS]
+    expected = ['tpdiff_stage1.yml', 'tpdiff_stage2.yml', 'test/gopro.yml', 'test/hide.yml',
+                'test/realblur_j.yml', 'test/realblur_r.yml', 'demo/stage1.yml', 'demo/stage2.yml',
+                'test/demo.yml'] + [f'ablations/tpdiff_stage2_wo_{p}.yml' for p in ABLATIONS]
     assert set(expected) <= {name(p) for p in BASICSR_FILES}
     assert (OPTIONS / 'README.md').is_file()
 
@@ -153,7 +153,7 @@ def test_paper_schedule():
 
 
 @pytest.mark.parametrize('first,second', [
-    ('tpdiff_stage1.yml', 'tpdiff_stage2.yml'), ('demo_stage1.yml', 'demo_stage2.yml')])
+    ('tpdiff_stage1.yml', 'tpdiff_stage2.yml'), ('demo/stage1.yml', 'demo/stage2.yml')])
 def test_stage2_networks_match_stage1(first, second):
     a, b = load(OPTIONS / first), load(OPTIONS / second)
     nets = [k for k in a if k.startswith('network_')]
@@ -169,11 +169,11 @@ def test_stage2_networks_match_stage1(first, second):
     assert a['train']['total_iter'] % a['logger']['save_checkpoint_freq'] == 0
 
 
-@pytest.mark.parametrize('test_file', ['test_tpdiff_gopro.yml', 'test_tpdiff_hide.yml', 'test_tpdiff_realblur_j.yml',
-                                       'test_tpdiff_realblur_r.yml', 'test_tpdiff_demo.yml'])
+@pytest.mark.parametrize('test_file', ['test/gopro.yml', 'test/hide.yml', 'test/realblur_j.yml',
+                                       'test/realblur_r.yml', 'test/demo.yml'])
 def test_test_options_load_what_stage2_trains(test_file):
     test = load(OPTIONS / test_file)
-    train = load(OPTIONS / ('demo_stage2.yml' if 'demo' in test_file else 'tpdiff_stage2.yml'))
+    train = load(OPTIONS / ('demo/stage2.yml' if 'demo' in test_file else 'tpdiff_stage2.yml'))
     assert test['network_g'] == train['network_g']
     assert test['stage'] == 2 and test['model_type'] == 'TPDiffModel'
     assert test['path']['pretrain_network_g'] == f'experiments/{train["name"]}/models/net_g_latest.pth'
@@ -190,16 +190,16 @@ def test_ablation_differs_from_stage2_only_in_its_switch(part):
 
 
 def test_demo_options_are_tiny_and_cpu():
-    for f in ('demo_stage1.yml', 'demo_stage2.yml', 'test_tpdiff_demo.yml'):
+    for f in ('demo/stage1.yml', 'demo/stage2.yml', 'test/demo.yml'):
         opt = load(OPTIONS / f)
         assert opt['num_gpu'] == 0
         for phase, dataset in opt['datasets'].items():
             for key in ('dataroot_blur', 'dataroot_sharp', 'dataroot_gt', 'dataroot_lq'):
                 if key in dataset:
                     assert dataset[key].startswith('datasets_lmdb/demo/'), (f, key)
-    names = [load(OPTIONS / f)['name'] for f in ('demo_stage1.yml', 'demo_stage2.yml')]
+    names = [load(OPTIONS / f)['name'] for f in ('demo/stage1.yml', 'demo/stage2.yml')]
     assert names == ['TPDiff_Demo_Stage1', 'TPDiff_Demo_Stage2']
-    s1 = load(OPTIONS / 'demo_stage1.yml')
+    s1 = load(OPTIONS / 'demo/stage1.yml')
     assert s1['datasets']['train']['gt_size'] == 64
     n_params = sum(p.numel() for p in build_network(dict(s1['network_g'])).parameters())
     assert n_params < 1e6  # (the paper net: 11.76M)

@@ -64,7 +64,7 @@ def test_pretrain_network_through_basicsr_load_network(evil, model_type):
 def test_deblurrer_from_checkpoint(evil):
     path, marker = evil
     with pytest.raises(UserError) as err:
-        Deblurrer.from_checkpoint(path, opt=str(REPO / 'options' / 'demo_stage2.yml'))
+        Deblurrer.from_checkpoint(path, opt=str(REPO / 'options' / 'demo' / 'stage2.yml'))
     assert str(path) in str(err.value) and '\n' not in str(err.value)
     assert not marker.exists()
 
@@ -74,7 +74,7 @@ def test_tpdiff_deblur_weights(evil, tmp_path, capsys):
     img = tmp_path / 'in.png'
     cv2.imwrite(str(img), np.full((16, 16, 3), 128, np.uint8))
     code = tpdiff_main(['deblur', '-i', str(img), '-o', str(tmp_path / 'out'), '--weights', str(path),
-                        '--opt', str(REPO / 'options' / 'demo_stage2.yml'), '--quiet'])
+                        '--opt', str(REPO / 'options' / 'demo' / 'stage2.yml'), '--quiet'])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith('error: ') and str(path) in err and err.count('\n') == 1
     assert not marker.exists()

@@ -40,10 +40,10 @@ def test_both_stages_resume_distribute_and_test(workspace, cli_runner):
     s2 = root / 'experiments' / 'TPDiff_Demo_Stage2'
 
     # stage 1: stopped after 2 iterations, then resumed to 4
-    r = cli_runner(['basicsr', 'train', '-opt', 'options/demo_stage1.yml'] + SHORT + ['train:total_iter=2'], cwd=root)
+    r = cli_runner(['basicsr', 'train', '-opt', 'options/demo/stage1.yml'] + SHORT + ['train:total_iter=2'], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (s1 / 'training_states' / '2.state').is_file()
-    r = cli_runner(['basicsr', 'train', '-opt', 'options/demo_stage1.yml', '--auto_resume'] + SHORT
+    r = cli_runner(['basicsr', 'train', '-opt', 'options/demo/stage1.yml', '--auto_resume'] + SHORT
                    + ['train:total_iter=4'], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     log1 = _log(s1)
@@ -56,7 +56,7 @@ def test_both_stages_resume_distribute_and_test(workspace, cli_runner):
 
     # stage 2 from stage 1's checkpoints, 2 processes on gloo
     r = cli_runner(['torchrun', '--nproc_per_node=2', f'--master_port={free_port()}', '-m', 'tpdiff_plugin.train',
-                    '-opt', 'options/demo_stage2.yml', '--launcher', 'pytorch'] + SHORT + ['train:total_iter=2'],
+                    '-opt', 'options/demo/stage2.yml', '--launcher', 'pytorch'] + SHORT + ['train:total_iter=2'],
                    cwd=root)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     log2 = _log(s2)
@@ -70,7 +70,7 @@ def test_both_stages_resume_distribute_and_test(workspace, cli_runner):
     assert dm_keys and any(not torch.equal(g1[k], g2[k]) for k in dm_keys)
 
     # stage 2 resumed in one process
-    r = cli_runner(['basicsr', 'train', '-opt', 'options/demo_stage2.yml', '--auto_resume'] + SHORT
+    r = cli_runner(['basicsr', 'train', '-opt', 'options/demo/stage2.yml', '--auto_resume'] + SHORT
                    + ['train:total_iter=4'], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r'Resuming training from epoch: \d+, iter: 2', _log(s2))
@@ -78,7 +78,7 @@ def test_both_stages_resume_distribute_and_test(workspace, cli_runner):
     assert all(torch.equal(tpe1[k], tpe4[k]) for k in tpe1)
 
     # test on the paired demo val set, then the report
-    r = cli_runner(['basicsr', 'test', '-opt', 'options/test_tpdiff_demo.yml'], cwd=root)
+    r = cli_runner(['basicsr', 'test', '-opt', 'options/test/demo.yml'], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     out = sorted((root / 'results' / 'TPDiff_Demo_Test' / 'visualization').rglob('*.png'))
     assert len(out) == 4

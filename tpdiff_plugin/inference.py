@@ -289,7 +289,7 @@ class Deblurrer(nn.Module):
 
         from tpdiff_plugin import Deblurrer
         deblur = Deblurrer.from_checkpoint('experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth',
-                                           opt='options/demo_stage2.yml', tile=512)
+                                           opt='options/demo/stage2.yml', tile=512)
         sharp = deblur(cv2.cvtColor(cv2.imread('blurry.png'), cv2.COLOR_BGR2RGB))  # HxWx3 uint8 RGB in/out
         y = deblur(torch.rand(1, 3, 720, 1280))                                     # [B, 3, H, W] in [0, 1]
 

@@ -38,7 +38,7 @@ The side-by-side picture (``<output_dir>/compare.png``) shows, for the first ``c
 a ``crops.size`` crop (where the GT has the most gradient energy) of the input, each restorer and the
 GT, labelled with the PSNR of the whole image.
 
-Options file (see ``options/compare_demo.yml``)::
+Options file (see ``options/compare/demo.yml``)::
 
     name: compare_demo
     device: auto              # cpu | cuda | auto
@@ -233,7 +233,7 @@ def load_compare_options(path):
     opt = load_options_file(path)
     for key in ('dataset', 'restorers'):
         if not isinstance(opt.get(key), dict) or not opt[key]:
-            raise UserError(f'{path}: option "{key}" must be a non-empty mapping (see options/compare_demo.yml)')
+            raise UserError(f'{path}: option "{key}" must be a non-empty mapping (see options/compare/demo.yml)')
     dataset = opt['dataset']
     for key in ('dataroot_gt', 'dataroot_lq'):
         value = dataset.get(key)

@@ -1,9 +1,9 @@
 """Demo report: input vs output PSNR/SSIM per validation image, and a blurry | deblurred | sharp grid.
 
-Run after ``basicsr test -opt options/test_tpdiff_demo.yml``::
+Run after ``basicsr test -opt options/test/demo.yml``::
 
     python -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test \
-        [--real datasets_lmdb/demo/real --weights <net_g.pth> --opt options/demo_stage2.yml]
+        [--real datasets_lmdb/demo/real --weights <net_g.pth> --opt options/demo/stage2.yml]
 
 It reads the blurry and sharp validation images (LMDB in basicsr layout, or a folder), finds each
 one's deblurred result ``<results>/visualization/<dataset>/<key>_<suffix>.png`` (basicsr test's
