@@ -1,7 +1,7 @@
 """Bad input at every user-facing entry point: one clear line naming the culprit, a non-zero exit, and no
 partial output that looks complete.
 
-Entry points: ``basicsr train`` / ``basicsr test`` (options checks in ``utils/options.py``, then the
+Entry points: ``basicsr train`` / ``basicsr test`` (options checks in ``utils/option_files.py``, then the
 pipeline), ``tpdiff make-lmdb`` / ``make-demo`` / ``deblur`` / ``compare``, and ``UnpairedImageDataset``.
 A full disk is simulated with ``RLIMIT_FSIZE`` in a subprocess (SIGXFSZ ignored, so writes fail with
 EFBIG) or with an ``OSError(ENOSPC)`` injected into the checkpoint writer.
@@ -223,7 +223,7 @@ def test_basicsr_train_refuses_bad_options(in_tmp, demo_data, capsys, mutate, cu
 
 
 def test_unknown_keys_of_upstream_models_are_left_to_basicsr(tmp_path):
-    from tpdiff_plugin.utils.options import validate_schema
+    from tpdiff_plugin.utils.option_files import validate_schema
     validate_schema({'name': 'x', 'model_type': 'SRModel', 'netwrok_g': {}, 'trian': {}}, 'x.yml')
 
 

@@ -49,7 +49,7 @@ def build_restorer(opt=None, source='--opt', key='network_g'):
     """
     import tpdiff_plugin  # noqa: F401  (registers the networks)
     from tpdiff_plugin.tools.info import build
-    from tpdiff_plugin.utils.options import load_options_file
+    from tpdiff_plugin.utils.option_files import load_options_file
     if opt is None:
         from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
         return TPDiffNet()

@@ -229,7 +229,7 @@ def measure(output, gt, protocol, crop_border=0, align_motion='homography'):
 # ---------------------------------------------------------------------------------------------- options
 def load_compare_options(path):
     from tpdiff_plugin.tools.info import parse_size
-    from tpdiff_plugin.utils.options import load_options_file
+    from tpdiff_plugin.utils.option_files import load_options_file
     opt = load_options_file(path)
     for key in ('dataset', 'restorers'):
         if not isinstance(opt.get(key), dict) or not opt[key]:
@@ -256,7 +256,7 @@ def load_compare_options(path):
     for label, entry in opt['restorers'].items():
         if isinstance(entry, dict) and isinstance(entry.get('network'), str):
             # `network: options/X.yml` takes that training file's network_g block, so the two cannot drift apart
-            from tpdiff_plugin.utils.options import load_options_file
+            from tpdiff_plugin.utils.option_files import load_options_file
             src = entry['network']
             if not os.path.isfile(src):
                 raise UserError(f'{path}: restorers.{label}.network: no such options file: {src}')

@@ -130,7 +130,7 @@ def build(opt_path, key, block):
 
 def run(args):
     size = parse_size(args.size)
-    from tpdiff_plugin.utils.options import load_options_file
+    from tpdiff_plugin.utils.option_files import load_options_file
     opt = load_options_file(args.opt)
     keys = [k for k in opt if k.startswith('network_')]
     if not keys:
