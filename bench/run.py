@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 
@@ -91,13 +90,6 @@ class Table:
             print(f'{r["row"]:<36} | {text:>10} | {r["unit"]:<8} | {r["note"]}', flush=True)
 
 
-def parse_size(text):
-    m = re.fullmatch(r'(\d+)x(\d+)', text or '')
-    if not m:
-        raise SystemExit(f'--size: expected HxW, got {text!r}')
-    return int(m.group(1)), int(m.group(2))
-
-
 def log(msg):
     print(f'[bench] {msg}', file=sys.stderr, flush=True)
 
@@ -112,10 +104,6 @@ def main(argv=None):
         raise SystemExit('--device cuda: no CUDA device here')
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
-    if args.size:
-        size = parse_size(args.size)
-    else:
-        size = (64, 64) if args.quick else (720, 1280) if cuda else (256, 256)
     repeats = args.repeats or (1 if args.quick else 3)
     import benchlib
     from benchlib import interleaved, median
@@ -125,8 +113,13 @@ def main(argv=None):
     from tpdiff_plugin.archs.fm_msa import deform_filter
     from tpdiff_plugin.archs.peers_arch import PUBLISHED_CONFIGS
     from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
-    from tpdiff_plugin.tools.info import count_macs
+    from tpdiff_plugin.utils.errors import UserError
+    from tpdiff_plugin.utils.measure import PeakMemory, count_macs, parse_size
     import logging
+    try:
+        size = parse_size(args.size) if args.size else (64, 64) if args.quick else (720, 1280) if cuda else (256, 256)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     logging.getLogger('basicsr').setLevel(logging.WARNING)
 
     cpu_name = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
@@ -336,7 +329,6 @@ def main(argv=None):
     # ------------------------------------------------------------------ optional: a real 4K deblur
     if args.deblur_4k:
         from tpdiff_plugin.inference import Deblurrer
-        from tpdiff_plugin.tools.compare import PeakMemory
         log('deblurring a synthetic 3840x2160 image, tile 512 (slow on CPU)')
         deblurrer = Deblurrer(TPDiffNet(), device=device, tile=tile, tile_overlap=32, half=cuda)
         img = torch.rand(1, 3, 2160, 3840)

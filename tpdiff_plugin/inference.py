@@ -24,7 +24,6 @@ network's size multiple (8 for ``prior_scale`` 4), so the crops line up with the
 image that fits in one tile gives bit for bit the untiled result, which is also what ``basicsr test``
 (``val.sample_seed``) computes for the same seed.
 """
-import copy
 import math
 import os
 from contextlib import nullcontext
@@ -48,7 +47,7 @@ def build_restorer(opt=None, source='--opt', key='network_g'):
     ``key`` name the file and option in error messages.
     """
     import tpdiff_plugin  # noqa: F401  (registers the networks)
-    from tpdiff_plugin.tools.info import build
+    from tpdiff_plugin.utils.networks import build_network_block
     from tpdiff_plugin.utils.option_files import load_options_file
     if opt is None:
         from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
@@ -68,7 +67,7 @@ def build_restorer(opt=None, source='--opt', key='network_g'):
         raise UserError(f'{source}: no network_g block (e.g. network_g: {{type: TPDiffNet, ...}})')
     import logging
     logging.getLogger('basicsr').setLevel(logging.WARNING)  # build_network logs "Network [..] is created."
-    return build(source, key, copy.deepcopy(block))
+    return build_network_block(source, key, block)
 
 
 def _describe_keys(keys, limit=3):

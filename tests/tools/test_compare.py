@@ -12,7 +12,8 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.tools.compare import PeakMemory, crop_box, realblur_metrics
+from tpdiff_plugin.tools.compare import crop_box, realblur_metrics
+from tpdiff_plugin.utils.measure import PeakMemory
 
 TINY_G = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
               prior_ch=8, prior_hidden=8, ffn_expansion_factor=2.0, dm_feats=8, dm_blocks=1, dm_cond_blocks=1,

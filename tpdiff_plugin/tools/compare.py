@@ -58,6 +58,8 @@ import copy
 import os
 
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.measure import PeakMemory, count_macs, parse_size
+from tpdiff_plugin.utils.option_files import load_options_file
 
 COMMAND = 'compare'
 HELP = 'Compare restorers (TP-Diff and peers) on one paired test set: params, MACs, speed, memory, PSNR/SSIM.'
@@ -70,91 +72,6 @@ def add_arguments(parser):
     parser.add_argument('-opt', required=True, metavar='COMPARE.yml', help='comparison options file')
     parser.add_argument('--device', default=None, choices=('auto', 'cpu', 'cuda'), help='overrides "device"')
     parser.add_argument('--output-dir', default=None, help='overrides "output_dir"')
-
-
-# ---------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(field):
-    try:
-        with open('/proc/self/status', encoding='ascii') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _malloc_trim():
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory added inside a ``with`` block, in MiB (``.mib``); see the module docstring for how."""
-
-    def __init__(self, device):
-        self.device = device
-        self.mib = float('nan')
-
-    def __enter__(self):
-        import gc
-
-        import torch
-        gc.collect()
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return self
-        _malloc_trim()
-        self.poller = None
-        try:
-            with open('/proc/self/clear_refs', 'w', encoding='ascii') as f:
-                f.write('5')  # reset VmHWM to the current RSS (Linux >= 4.0)
-        except OSError:
-            self.poller = _RssPoller()
-        self.base = _proc_status_kib('VmRSS')
-        if self.poller is not None:
-            self.poller.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
-        elif self.base is not None:
-            peak = self.poller.stop() if self.poller is not None else _proc_status_kib('VmHWM')
-            if peak is not None:
-                self.mib = max(0.0, (peak - self.base) / 1024)
-        return False
-
-
-class _RssPoller:
-    """Fallback where clear_refs is not writable: sample VmRSS every 5 ms in a thread."""
-
-    def __init__(self):
-        import threading
-        self.peak = 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self.done.is_set():
-            self.peak = max(self.peak, _proc_status_kib('VmRSS') or 0)
-            self.done.wait(0.005)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self.done.set()
-        self.thread.join()
-        return max(self.peak, _proc_status_kib('VmRSS') or 0)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -228,8 +145,6 @@ def measure(output, gt, protocol, crop_border=0, align_motion='homography'):
 
 # ---------------------------------------------------------------------------------------------- options
 def load_compare_options(path):
-    from tpdiff_plugin.tools.info import parse_size
-    from tpdiff_plugin.utils.option_files import load_options_file
     opt = load_options_file(path)
     for key in ('dataset', 'restorers'):
         if not isinstance(opt.get(key), dict) or not opt[key]:
@@ -256,7 +171,6 @@ def load_compare_options(path):
     for label, entry in opt['restorers'].items():
         if isinstance(entry, dict) and isinstance(entry.get('network'), str):
             # `network: options/X.yml` takes that training file's network_g block, so the two cannot drift apart
-            from tpdiff_plugin.utils.option_files import load_options_file
             src = entry['network']
             if not os.path.isfile(src):
                 raise UserError(f'{path}: restorers.{label}.network: no such options file: {src}')
@@ -353,8 +267,6 @@ def _to_rgb8(x):
 def count_net_macs(net, size):
     """GMACs of ``net`` for one ``size`` image, with ``tpdiff info``'s counter (None if it cannot be traced)."""
     import torch
-
-    from tpdiff_plugin.tools.info import count_macs
     try:
         total, _, _ = count_macs(net, (torch.randn(1, 3, *size),))
     except Exception:  # noqa: BLE001  (an untraceable network still gets the other columns)
