@@ -118,7 +118,7 @@ def build_stage2_model(options_path, device, workdir, batch_size=None, patch=Non
     from basicsr.utils.options import ordered_yaml
 
     import tpdiff_plugin  # noqa: F401
-    from tpdiff_plugin.compat import atomic_torch_save
+    from tpdiff_plugin.utils.checkpoint import atomic_torch_save
     with open(options_path, encoding='utf-8') as f:
         opt = yaml.load(f, Loader=ordered_yaml()[0])
     opt = copy.deepcopy(opt)

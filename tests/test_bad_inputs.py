@@ -1,7 +1,7 @@
 """Bad input at every user-facing entry point: one clear line naming the culprit, a non-zero exit, and no
 partial output that looks complete.
 
-Entry points: ``basicsr train`` / ``basicsr test`` (options checks in ``utils/option_files.py``, then the
+Entry points: ``basicsr train`` / ``basicsr test`` (options checks in ``option_check.py``, then the
 pipeline), ``tpdiff make-lmdb`` / ``make-demo`` / ``deblur`` / ``compare``, and ``UnpairedImageDataset``.
 A full disk is simulated with ``RLIMIT_FSIZE`` in a subprocess (SIGXFSZ ignored, so writes fail with
 EFBIG) or with an ``OSError(ENOSPC)`` injected into the checkpoint writer.
@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, tiny_net
 from test_determinism import demo_data, tiny_options, write_options  # noqa: F401  (fixture)
 from tpdiff_plugin import cli
 from tpdiff_plugin.data.unpaired_image_dataset import UnpairedImageDataset
@@ -223,7 +223,7 @@ def test_basicsr_train_refuses_bad_options(in_tmp, demo_data, capsys, mutate, cu
 
 
 def test_unknown_keys_of_upstream_models_are_left_to_basicsr(tmp_path):
-    from tpdiff_plugin.utils.option_files import validate_schema
+    from tpdiff_plugin.option_check import validate_schema
     validate_schema({'name': 'x', 'model_type': 'SRModel', 'netwrok_g': {}, 'trian': {}}, 'x.yml')
 
 
@@ -422,10 +422,7 @@ def test_deblur_missing_input_and_weights(tmp_path, capsys, demo_weights):
 def test_prior_scale_always_divides_the_padded_size(prior_scale):
     """TPDiffNet pads to a multiple of lcm(8, prior_scale), so an odd prior_scale and odd sizes still work and
     the output is cropped back to the input size."""
-    from basicsr.archs import build_network
-    opt = yaml.safe_load((REPO / 'options' / 'demo' / 'stage2.yml').read_text())['network_g']
-    opt.update(prior_scale=prior_scale, dim=4, dm_feats=8, dm_timesteps=2, prior_ch=8, prior_hidden=4)
-    net = build_network(opt).eval()
+    net = tiny_net(prior_scale=prior_scale).eval()
     x = torch.rand(1, 3, 13, 29)
     with torch.no_grad():
         y = net(x)

@@ -3,7 +3,6 @@
 The end-to-end runs use upstream's own SRModel with a tiny SRVGGNetCompact (scale 1) on a small
 paired set, so they test the mends and the `basicsr` CLI, not our networks.
 """
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from tpdiff_plugin import compat
+from tpdiff_plugin.utils import checkpoint, resume
 
 from conftest import free_port  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_plain_basicsr_import_fails_without_mend_and_works_with_it():
 def _resume_opt(tmp_path):
     state = {'epoch': 1, 'iter': 3, 'optimizers': [], 'schedulers': []}
     path = tmp_path / '3.state'
-    compat.atomic_torch_save(state, path)
+    checkpoint.atomic_torch_save(state, path)
     return {'auto_resume': False, 'name': 'x', 'num_gpu': 0, 'is_train': True,
             'path': {'resume_state': str(path)}}, state
 
@@ -121,7 +121,7 @@ def test_upstream_resume_needs_cuda(tmp_path):
 
 def test_resume_state_loads_on_cpu(tmp_path):
     opt, state = _resume_opt(tmp_path)
-    loaded = compat.load_resume_state(opt)
+    loaded = resume.load_resume_state(opt)
     assert loaded == state
 
 
@@ -129,7 +129,7 @@ def test_resume_state_missing_file_is_named(tmp_path):
     opt, _ = _resume_opt(tmp_path)
     opt['path']['resume_state'] = str(tmp_path / 'nope.state')
     with pytest.raises(FileNotFoundError, match='nope.state'):
-        compat.load_resume_state(opt)
+        resume.load_resume_state(opt)
 
 
 def test_basicsr_train_then_auto_resume_on_cpu(sr_experiment, cli_runner):
@@ -257,19 +257,3 @@ def test_cuda_prefetch_falls_back_to_cpu_without_gpu():
     assert opt['datasets']['train']['prefetch_mode'] is None
     untouched = {'num_gpu': 0, 'datasets': {'train': {'prefetch_mode': 'cpu'}}}
     assert compat.cpu_prefetch_fallback(untouched)['datasets']['train']['prefetch_mode'] == 'cpu'
-
-
-# atomic checkpoint writes ----------------------------------------------------------------------
-
-def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
-    path = tmp_path / 'net.pth'
-    compat.atomic_torch_save({'a': torch.ones(2)}, path)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError('boom')
-
-    with pytest.raises(RuntimeError, match='boom'):
-        compat.atomic_torch_save({'a': Unpicklable()}, path)
-    assert torch.equal(torch.load(path, weights_only=True)['a'], torch.ones(2))
-    assert os.listdir(tmp_path) == ['net.pth']  # no temporary file left behind

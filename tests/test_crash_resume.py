@@ -82,20 +82,21 @@ def test_resume_without_the_rng_streams_would_differ(tmp_path, demo_data, uninte
 
 def test_auto_resume_skips_a_state_whose_networks_are_missing(tmp_path, monkeypatch):
     """basicsr's check_resume points every network at net_<label>_<iter>.pth; a state without them is skipped."""
-    from tpdiff_plugin import compat
+    from tpdiff_plugin.utils.checkpoint import atomic_torch_save
+    from tpdiff_plugin.utils.resume import load_resume_state
     monkeypatch.chdir(tmp_path)
     exp = tmp_path / 'experiments' / 'x'
     (exp / 'training_states').mkdir(parents=True)
     (exp / 'models').mkdir()
     for it in (5, 10):
-        compat.atomic_torch_save({'iter': it, 'epoch': 0, 'optimizers': [], 'schedulers': []},
-                                 exp / 'training_states' / f'{it}.state')
-        compat.atomic_torch_save({'params': {}}, exp / 'models' / f'net_g_{it}.pth')
-    compat.atomic_torch_save({'params': {}}, exp / 'models' / 'net_rb_5.pth')  # net_rb_10.pth is missing
+        atomic_torch_save({'iter': it, 'epoch': 0, 'optimizers': [], 'schedulers': []},
+                          exp / 'training_states' / f'{it}.state')
+        atomic_torch_save({'params': {}}, exp / 'models' / f'net_g_{it}.pth')
+    atomic_torch_save({'params': {}}, exp / 'models' / 'net_rb_5.pth')  # net_rb_10.pth is missing
     (exp / 'training_states' / '.15.state.tmp123').write_bytes(b'torn')  # a save killed midway
     opt = {'auto_resume': True, 'name': 'x', 'num_gpu': 0, 'network_g': {}, 'network_rb': {},
            'path': {'models': 'experiments/x/models', 'resume_state': None}}
     with pytest.warns(UserWarning, match='net_rb_10.pth is missing'):
-        state = compat.load_resume_state(opt)
+        state = load_resume_state(opt)
     assert state['iter'] == 5 and opt['path']['resume_state'].endswith('5.state')
     assert opt['path']['pretrain_network_rb'].endswith('net_rb_5.pth')

@@ -11,6 +11,7 @@ import torch
 from basicsr.models import build_model
 from conftest import REPO
 from tpdiff_plugin import compat
+from tpdiff_plugin.utils import resume
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.inference import Deblurrer
 from tpdiff_plugin.utils.errors import UserError
@@ -85,7 +86,7 @@ def test_resume_state(evil, tmp_path):
     path, marker = evil
     opt = {'auto_resume': False, 'name': 'x', 'num_gpu': 0, 'path': {'resume_state': str(path)}}
     with pytest.raises(UserError) as err:
-        compat.load_resume_state(opt)
+        resume.load_resume_state(opt)
     _assert_refused(str(err.value), path, marker)
 
 
@@ -100,7 +101,7 @@ def test_auto_resume_state(evil, tmp_path, monkeypatch):
     torch.save({'params': {}}, models / 'net_g_7.pth')
     opt = {'auto_resume': True, 'name': 'x', 'num_gpu': 0, 'network_g': {}, 'path': {'models': str(models)}}
     with pytest.raises(UserError, match='7.state') as err:
-        compat.load_resume_state(opt)
+        resume.load_resume_state(opt)
     assert 'refused to unpickle' in str(err.value) and not marker.exists()
 
 

@@ -60,7 +60,8 @@ def _check_opt_file(argv):
             path = argv[i + 1]
             if not os.path.isfile(path):
                 raise UserError(f'-opt: no such options file: {path}')
-            from tpdiff_plugin.utils.option_files import apply_force_yml, load_options_file, validate_options
+            from tpdiff_plugin.option_check import validate_options
+            from tpdiff_plugin.utils.option_files import apply_force_yml, load_options_file
             opt = apply_force_yml(load_options_file(path), _force_yml_entries(argv), path)
             validate_options(opt, path)
 

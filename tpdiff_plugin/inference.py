@@ -24,6 +24,7 @@ network's size multiple (8 for ``prior_scale`` 4), so the crops line up with the
 image that fits in one tile gives bit for bit the untiled result, which is also what ``basicsr test``
 (``val.sample_seed``) computes for the same seed.
 """
+import logging
 import math
 import os
 from contextlib import nullcontext
@@ -32,7 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from tpdiff_plugin.archs.arch_util import pad_to_multiple
+from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+from tpdiff_plugin.utils.checkpoint import load_network_file
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.networks import build_network_block
+from tpdiff_plugin.utils.option_files import load_options_file
 
 __all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'check_tiling', 'tile_starts', 'axis_windows',
            'run_tiled', 'image_to_tensor', 'tensor_to_image']
@@ -46,11 +52,7 @@ def build_restorer(opt=None, source='--opt', key='network_g'):
     mapping with a ``network_g`` block, or a network block itself (a mapping with ``type``). ``source`` and
     ``key`` name the file and option in error messages.
     """
-    import tpdiff_plugin  # noqa: F401  (registers the networks)
-    from tpdiff_plugin.utils.networks import build_network_block
-    from tpdiff_plugin.utils.option_files import load_options_file
     if opt is None:
-        from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
         return TPDiffNet()
     if isinstance(opt, (str, os.PathLike)):
         source = os.fspath(opt)
@@ -65,15 +67,8 @@ def build_restorer(opt=None, source='--opt', key='network_g'):
         block = opt['network_g']
     else:
         raise UserError(f'{source}: no network_g block (e.g. network_g: {{type: TPDiffNet, ...}})')
-    import logging
     logging.getLogger('basicsr').setLevel(logging.WARNING)  # build_network logs "Network [..] is created."
     return build_network_block(source, key, block)
-
-
-def _describe_keys(keys, limit=3):
-    keys = sorted(keys)
-    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
 
 
 def load_weights(net, weights, param_key=None):
@@ -81,43 +76,10 @@ def load_weights(net, weights, param_key=None):
 
     ``param_key`` None: ``params_ema`` if present, else ``params``, else the file itself when it is a bare
     state dict. ``module.`` prefixes (DDP) are dropped. A checkpoint that does not fit ``net`` raises a
-    one-line ``UserError`` listing a few missing / unexpected / mis-shaped keys.
+    one-line ``UserError`` listing a few missing / unexpected / mis-shaped keys (``utils/checkpoint.py``).
     """
-    from tpdiff_plugin.compat import read_checkpoint
-    weights = os.fspath(weights)
-    ckpt = read_checkpoint(weights, '--weights')
-    if not isinstance(ckpt, dict):
-        raise UserError(f'{weights}: not a basicsr checkpoint (expected a dict with "params"), '
-                        f'got {type(ckpt).__name__}')
-    if param_key is not None:
-        if param_key not in ckpt:
-            raise UserError(f'{weights}: no "{param_key}" entry (has: {_describe_keys(map(str, ckpt), 5)})')
-        key = param_key
-    else:
-        key = next((k for k in ('params_ema', 'params') if k in ckpt), None)
-    state = ckpt[key] if key is not None else ckpt
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f'{weights}: no "params_ema" or "params" state dict inside '
-                        f'(has: {_describe_keys(map(str, ckpt), 5)}); is it a basicsr network checkpoint?')
-    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
-    own = net.state_dict()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    shapes = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f'missing keys: {_describe_keys(missing)}')
-        if unexpected:
-            parts.append(f'unexpected keys: {_describe_keys(unexpected)}')
-        if shapes:
-            k = sorted(shapes)[0]
-            parts.append(f'{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} vs '
-                         f'network {tuple(own[k].shape)}')
-        raise UserError(f'{weights}: does not fit {type(net).__name__} as configured ({"; ".join(parts)}); '
-                        'pass the --opt (network_g) the checkpoint was trained with')
-    net.load_state_dict(state, strict=True)
-    return key
+    return load_network_file(net, os.fspath(weights), '--weights', param_key=param_key,
+                             hint='pass the --opt (network_g) the checkpoint was trained with')
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -353,7 +315,6 @@ class Deblurrer(nn.Module):
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(f'Deblurrer: expected a float tensor [B, 3, H, W], got '
                              f'{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}')
-        from tpdiff_plugin.archs.tpe_arch import pad_to_multiple
         h, w = x.shape[-2:]
         with torch.no_grad():
             xp = pad_to_multiple(x.to(self.device, torch.float32), self.align)

@@ -32,6 +32,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 
 from tpdiff_plugin.data import image_checks
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.option_files import check_int
 
 
 class _Source:
@@ -73,6 +74,14 @@ class _Source:
 class UnpairedImageDataset(data.Dataset):
     """Random blurry patch + independently drawn sharp patch (see module docstring for options)."""
 
+    # The options this dataset and basicsr's loader read (its schema, checked by option_check.py)
+    OPTION_KEYS = frozenset({'name', 'type', 'phase', 'dataroot_blur', 'dataroot_sharp', 'io_backend', 'gt_size',
+                             'patch_size', 'use_hflip', 'use_rot', 'mean', 'std', 'num_worker_per_gpu',
+                             'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode', 'pin_memory',
+                             'persistent_workers', 'use_shuffle', 'num_prefetch_queue', 'scale'})
+    INT_OPTIONS = {'gt_size': 1, 'patch_size': 1, 'batch_size_per_gpu': 1, 'num_worker_per_gpu': 0,
+                   'dataset_enlarge_ratio': 1}  # key -> minimum
+
     def __init__(self, opt):
         super().__init__()
         self.opt = opt
@@ -91,8 +100,8 @@ class UnpairedImageDataset(data.Dataset):
         size_key = 'gt_size' if opt.get('gt_size') is not None else 'patch_size'
         self.patch_size = opt.get(size_key)
         if self.patch_size is not None:
-            if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size < 1:
-                raise UserError(f'{size_key}: must be a positive integer, got {self.patch_size!r}')
+            check_int(self.patch_size, size_key, self.INT_OPTIONS[size_key], source='')
+            self.patch_size = int(self.patch_size)
         elif self.phase == 'train':
             raise UserError('gt_size: required for the train phase (the patch size; `patch_size` also works)')
 

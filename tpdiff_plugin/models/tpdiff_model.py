@@ -52,14 +52,21 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from tpdiff_plugin import compat
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
+from tpdiff_plugin.utils.checkpoint import read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
 
 
 @MODEL_REGISTRY.register()
 class TPDiffModel(UnpairedCycleModel):
     """TP-Diff, stage 1 or 2 (option ``stage``). See the module docstring."""
+
+    NETWORK_LABELS = UnpairedCycleModel.NETWORK_LABELS + ('tpe',)
+    TOP_KEYS = frozenset({'stage'})
+    TRAIN_KEYS = UnpairedCycleModel.TRAIN_KEYS | {'diff_opt', 'joint_train', 'use_tpe', 'sharp_cycle_prior',
+                                                  'dm_target'}
+    VAL_KEYS = frozenset({'sample_seed'})
+    PATH_KEYS = frozenset({'resume_optim_d'})
 
     def __init__(self, opt):
         stage = opt.get('stage')
@@ -132,7 +139,7 @@ class TPDiffModel(UnpairedCycleModel):
             path = os.path.join(path, max(states, key=lambda f: int(f[:-6])))
         if not os.path.isfile(path):
             raise UserError(f'path.resume_optim_d: no such training state: {path}')
-        state = compat.read_checkpoint(path, 'path.resume_optim_d')
+        state = read_checkpoint(path, 'path.resume_optim_d')
         optimizers = state.get('optimizers') if isinstance(state, dict) else None
         if not isinstance(optimizers, list) or len(optimizers) != 2:
             raise UserError(f'path.resume_optim_d: {path} is not a training state of this model (no G and D '

@@ -1,0 +1,67 @@
+"""utils/checkpoint.py: the one reader / writer of checkpoints."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from tpdiff_plugin.utils.checkpoint import (atomic_torch_save, check_fit, load_network_file, pick_params,
+                                            save_networks)
+from tpdiff_plugin.utils.errors import UserError
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
+    path = tmp_path / 'net.pth'
+    atomic_torch_save({'a': torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError('boom')
+
+    with pytest.raises(RuntimeError, match='boom'):
+        atomic_torch_save({'a': Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)['a'], torch.ones(2))
+    assert os.listdir(tmp_path) == ['net.pth']  # no temporary file left behind
+
+
+def test_pick_params_prefers_ema_then_params_then_a_bare_state_dict():
+    w = {'weight': torch.ones(1)}
+    ema = {'module.weight': torch.zeros(1)}
+    state, key = pick_params({'params': w, 'params_ema': ema}, 'x.pth')
+    assert key == 'params_ema' and list(state) == ['weight'] and state['weight'].item() == 0  # DDP prefix dropped
+    assert pick_params({'params': w}, 'x.pth')[1] == 'params'
+    state, key = pick_params(w, 'x.pth')
+    assert key is None and state['weight'].item() == 1
+
+
+def test_pick_params_named_key_and_basicsr_fallback():
+    ckpt = {'params': {'weight': torch.ones(1)}}
+    with pytest.raises(UserError, match=r'x.pth: no "params_ema" entry \(has: params\)'):
+        pick_params(ckpt, 'x.pth', 'params_ema')
+    assert pick_params(ckpt, 'x.pth', 'params_ema', fallback_to_params=True)[1] == 'params'
+    with pytest.raises(UserError, match='not a basicsr checkpoint'):
+        pick_params([1, 2], 'x.pth')
+    with pytest.raises(UserError, match='no "params_ema" or "params" state dict'):
+        pick_params({'iter': 3}, 'x.pth')
+
+
+def test_check_fit_names_missing_unexpected_and_misshaped_keys():
+    net = nn.Conv2d(3, 4, 3)
+    check_fit(net, net.state_dict(), 'x.pth', 'hint')  # fits: no error
+    with pytest.raises(UserError, match=r'missing keys: bias; unexpected keys: extra; 1 shape mismatch'):
+        check_fit(net, {'weight': torch.zeros(4, 3, 1, 1), 'extra': torch.zeros(1)}, 'x.pth', 'hint')
+
+
+def test_save_then_load_round_trip_strict_and_not(tmp_path):
+    src, dst = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+    path = tmp_path / 'net.pth'
+    save_networks([src], ['params'], path)
+    assert load_network_file(dst, path, '--weights') == 'params'
+    assert torch.equal(dst.weight, src.weight) and torch.equal(dst.bias, src.bias)
+    other = nn.Conv2d(3, 4, 3, bias=False)
+    with pytest.raises(UserError, match='does not fit Conv2d as configured'):
+        load_network_file(other, path, '--weights')
+    load_network_file(other, path, '--weights', strict=False)  # loads what matches, leaves out the rest
+    assert torch.equal(other.weight, src.weight)
+    with pytest.raises(UserError, match='--weights: no such checkpoint file'):
+        load_network_file(dst, tmp_path / 'missing.pth', '--weights')

@@ -1,0 +1,60 @@
+"""Parsing of the ``train`` options that shape ``UnpairedCycleModel``'s objective beyond the paper's losses,
+and the degradation applied to the synthetic blurry images of the sharp cycle.
+
+Each option is documented in ``options/README.md``; here each is checked once, with a one-line UserError
+naming it.
+"""
+import torch
+
+from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.option_files import check_int
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(train_opt, key, default):
+    """``train.<key>`` (``default`` when absent), checked to be an integer >= 1 (the check ``basicsr train``
+    already made on the options file, for models built from Python)."""
+    value = train_opt.get(key, default)
+    check_int(value, f'train.{key}', 1, source='')
+    return int(value)
+
+
+def noise_range(value):
+    """``train.sharp_cycle_noise`` as ``(low, high)`` in 0-255 units, or None."""
+    if value is None:
+        return None
+    pair = value if isinstance(value, (list, tuple)) else [value, value]
+    if len(pair) != 2 or not all(is_number(v) and v >= 0 for v in pair) or pair[0] > pair[1]:
+        raise UserError(f'train.sharp_cycle_noise: must be a sigma >= 0 or a range [low, high] (0-255 units), '
+                        f'got {value!r}')
+    return float(pair[0]), float(pair[1])
+
+
+def r1_weights(value, known, present):
+    """``train.r1_weight`` (one gamma for every D, or ``{label: gamma}``) as ``{D label: gamma > 0}`` over the
+    discriminators ``present``; ``known`` are the labels a mapping may name."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise UserError(f'train.r1_weight: unknown discriminator {unknown[0]!r} (known: {", ".join(known)})')
+        weights = value
+    else:
+        weights = {label: value for label in present}
+    out = {}
+    for label, w in weights.items():
+        if not is_number(w) or w < 0:
+            raise UserError(f'train.r1_weight: must be a number >= 0 (or a mapping of them), got {w!r}')
+        if w > 0 and label in present:
+            out[label] = float(w)
+    return out
+
+
+def noisy_8bit(images, low, high):
+    """``images [B, C, H, W]`` in [0, 1] plus Gaussian noise of a per-image sigma drawn from [low, high] (0-255
+    units), rounded to 8 bits with a straight-through estimator (gradients pass as if not rounded)."""
+    sigma = torch.empty(images.shape[0], 1, 1, 1, device=images.device).uniform_(low, high) / 255
+    noisy = (images + torch.randn_like(images) * sigma).clamp(0, 1)
+    return noisy + (torch.round(noisy * 255) / 255 - noisy).detach()

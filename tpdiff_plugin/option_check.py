@@ -1,0 +1,172 @@
+"""Early checks of a BasicSR options file, so mistakes surface as one line naming the key.
+
+Upstream parses the YAML deep inside ``parse_options`` and fails later still (a missing LMDB is an
+``lmdb.Error`` from a DataLoader worker). ``basicsr train|test`` (``cli.py``) reads the file once up front
+and checks what can be checked without building anything: required top-level keys, and that the data and
+checkpoint paths named in it exist.
+
+A model or dataset class that declares its option schema is also checked against it: the keys it reads
+(``NETWORK_LABELS``, ``TOP_KEYS``, ``TRAIN_KEYS``, ``VAL_KEYS``, ``PATH_KEYS`` on a model; ``OPTION_KEYS`` on a
+dataset) and the integers it needs (``TRAIN_INTS`` / ``INT_OPTIONS``: key -> minimum). The classes are the
+one home of their schema; here only basicsr's own keys are listed. An unknown key is a UserError suggesting
+the closest known one (a typo such as ``netwrok_g`` or ``trian`` would otherwise be silently ignored by
+basicsr). Options of other model types and of upstream datasets are left to basicsr.
+"""
+import difflib
+import numbers
+import os
+
+from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
+
+import tpdiff_plugin  # noqa: F401  (registers the plugin's models and datasets, whose schemas are read below)
+from tpdiff_plugin.data.image_checks import check_lmdb_complete
+from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.option_files import check_int
+
+REQUIRED_KEYS = ('name', 'model_type')
+DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot_blur', 'dataroot_sharp', 'meta_info_file')
+# basicsr's own keys (read by its train/test loop and option parser, for every model)
+TOP_KEYS = {'name', 'model_type', 'num_gpu', 'scale', 'manual_seed', 'is_train', 'dist', 'rank', 'world_size',
+            'auto_resume', 'datasets', 'path', 'train', 'val', 'logger', 'dist_params', 'find_unused_parameters',
+            'use_static_graph', 'root_path', 'debug', 'suffix'}
+TRAIN_KEYS = {'total_iter', 'warmup_iter'}
+VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'rgb2bgr', 'use_image'}
+LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'}
+PATH_KEYS = {'resume_state', 'ignore_resume_networks', 'root', 'experiments_root', 'models', 'training_states',
+             'log', 'visualization', 'results_root'}
+PATH_PREFIXES = ('pretrain_network_', 'strict_load_', 'param_key_')
+# (section, key, minimum): integers basicsr's loop needs, checked when present
+BASICSR_INTS = [('train', 'total_iter', 1), ('logger', 'print_freq', 1), ('logger', 'save_checkpoint_freq', 1),
+                ('val', 'val_freq', 1), ('', 'manual_seed', 0)]
+
+
+def _declared(registry, name, attribute):
+    """The class registered as ``name`` if it declares ``attribute`` (its option schema), else None."""
+    if not isinstance(name, str) or name not in registry:
+        return None
+    cls = registry.get(name)
+    return cls if getattr(cls, attribute, None) is not None else None
+
+
+def validate_paths(opt, source):
+    """Check required keys and that every data / pretrained path named in ``opt`` exists."""
+    for key in REQUIRED_KEYS:
+        if key not in opt:
+            raise UserError(f'{source}: missing required option "{key}"')
+    datasets = opt.get('datasets') or {}
+    if not isinstance(datasets, dict):
+        raise UserError(f'{source}: option "datasets" must be a mapping of phase names to dataset options')
+    for phase, dopt in datasets.items():
+        if not isinstance(dopt, dict):
+            raise UserError(f'{source}: option "datasets.{phase}" must be a mapping')
+        for key in DATA_PATH_KEYS:
+            value = dopt.get(key)
+            if isinstance(value, str) and not os.path.exists(value):
+                raise UserError(f'{source}: datasets.{phase}.{key}: no such file or folder: {value} '
+                                f'(build it with `tpdiff make-lmdb` or `tpdiff make-demo`)')
+            if isinstance(value, str) and os.path.isdir(value):
+                check_lmdb_complete(value, f'{source}: datasets.{phase}.{key}')
+    paths = opt.get('path') or {}
+    if isinstance(paths, dict):
+        for key, value in paths.items():
+            if key.startswith('pretrain_network') and isinstance(value, str) and not os.path.isfile(value):
+                raise UserError(f'{source}: path.{key}: no such checkpoint: {value}')
+        # after the networks: a missing stage-1 run is reported by its networks first
+        value = paths.get('resume_optim_d')
+        if isinstance(value, str) and not os.path.exists(value):
+            raise UserError(f'{source}: path.resume_optim_d: no such training state or folder: {value}')
+
+
+def _unknown(key, known, where, source):
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f'; did you mean "{close[0]}"?' if close else f' (known: {", ".join(sorted(known))})'
+    raise UserError(f'{source}: unknown option "{where}{key}"{hint}')
+
+
+def _check_keys(opt, model, source):
+    """Unknown top-level, network, ``train``, ``val``, ``logger`` and ``path`` keys for a declaring model."""
+    networks = {f'network_{x}' for x in model.NETWORK_LABELS}
+    top = TOP_KEYS | set(model.TOP_KEYS)
+    for key in opt:
+        if isinstance(key, str) and key.startswith('network_'):
+            if key not in networks:
+                _unknown(key, networks, '', source)
+        elif key not in top:
+            _unknown(key, top | networks, '', source)
+    sections = {'train': TRAIN_KEYS | set(model.TRAIN_KEYS), 'val': VAL_KEYS | set(model.VAL_KEYS),
+                'logger': LOGGER_KEYS}
+    for section, known in sections.items():
+        value = opt.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise UserError(f'{source}: option "{section}" must be a mapping, got {type(value).__name__}')
+        for key in value:
+            if key not in known:
+                _unknown(key, known, f'{section}.', source)
+    path_keys = PATH_KEYS | set(model.PATH_KEYS)
+    for key in opt.get('path') or {}:
+        if key not in path_keys and not (isinstance(key, str) and key.startswith(PATH_PREFIXES)):
+            _unknown(key, path_keys | {f'pretrain_network_{x}' for x in model.NETWORK_LABELS}, 'path.', source)
+
+
+def _check_numbers(opt, model, source):
+    ints = BASICSR_INTS + [('train', key, minimum) for key, minimum in model.TRAIN_INTS.items()]
+    for section, key, minimum in ints:
+        block = opt if not section else (opt.get(section) or {})
+        if block.get(key) is not None:
+            check_int(block[key], f'{section + "." if section else ""}{key}', minimum, source)
+    num_gpu = opt.get('num_gpu')
+    if num_gpu is not None and num_gpu != 'auto':
+        check_int(num_gpu, 'num_gpu (or "auto")', 0, source)
+    for option in ('optim_g', 'optim_d'):
+        optim = (opt.get('train') or {}).get(option)
+        if isinstance(optim, dict) and 'lr' in optim:
+            lr = optim['lr']
+            if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or lr < 0:
+                hint = ' (YAML reads 2e-4 as text: write !!float 2e-4 or 0.0002)' if isinstance(lr, str) else ''
+                raise UserError(f'{source}: train.{option}.lr must be a number >= 0, got {lr!r}{hint}')
+
+
+def _check_datasets(opt, source):
+    for phase, dopt in (opt.get('datasets') or {}).items():
+        dataset = _declared(DATASET_REGISTRY, dopt.get('type') if isinstance(dopt, dict) else None, 'OPTION_KEYS')
+        if dataset is None:
+            continue
+        for key in dopt:
+            if key not in dataset.OPTION_KEYS:
+                _unknown(key, dataset.OPTION_KEYS, f'datasets.{phase}.', source)
+        for key, minimum in dataset.INT_OPTIONS.items():
+            if dopt.get(key) is not None:
+                check_int(dopt[key], f'datasets.{phase}.{key}', minimum, source)
+
+
+def _check_prior_shapes(opt, source):
+    """The TPE makes the prior that ``network_g`` reads: their prior sizes must agree."""
+    g, tpe = opt.get('network_g'), opt.get('network_tpe')
+    if isinstance(g, dict) and isinstance(tpe, dict):
+        for key in ('prior_scale', 'prior_ch'):
+            if key in g and key in tpe and g[key] != tpe[key]:
+                raise UserError(f'{source}: network_g.{key} ({g[key]}) and network_tpe.{key} ({tpe[key]}) differ; '
+                                'the TPE makes the prior that network_g reads, so they must be equal')
+    for label in ('g', 'tpe'):
+        block = opt.get(f'network_{label}')
+        if isinstance(block, dict) and block.get('prior_scale') is not None:
+            check_int(block['prior_scale'], f'network_{label}.prior_scale', 1, source)
+
+
+def validate_schema(opt, source):
+    """Unknown keys and wrong types, for models and datasets that declare their schema."""
+    model = _declared(MODEL_REGISTRY, opt.get('model_type'), 'TRAIN_KEYS')
+    if model is None:
+        return
+    _check_keys(opt, model, source)
+    _check_numbers(opt, model, source)
+    _check_datasets(opt, source)
+    _check_prior_shapes(opt, source)
+
+
+def validate_options(opt, source):
+    """Schema of our models' keys, required keys, and that every data / checkpoint path exists."""
+    validate_schema(opt, source)
+    validate_paths(opt, source)

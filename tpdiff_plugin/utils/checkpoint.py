@@ -1,0 +1,187 @@
+"""The one place checkpoints are read, picked apart, fitted to a network and written.
+
+Every ``.pth`` / ``.state`` the plugin touches goes through here: basicsr's ``BaseModel.load_network`` /
+``save_network`` / ``save_training_state`` (mended in ``compat.py`` to call these), the models' own
+``load_network``, ``--auto_resume``, ``path.resume_optim_d`` and ``tpdiff deblur`` / ``Deblurrer``.
+
+- Reading uses ``torch.load(weights_only=True)``: a file that would run code when unpickled is refused,
+  and any unreadable file is one ``UserError`` line naming it and the option it came from.
+- Writing is atomic (temporary file in the same folder, fsync, rename, fsync of the folder), so a kill at
+  any moment leaves either the old file or the complete new one. torch has no atomic save of its own.
+
+Test hook (tests only): with ``TPDIFF_TEST_KILL_DURING_SAVE=<file name>`` in the environment,
+:func:`atomic_torch_save` SIGKILLs its own process after writing that file's temporary copy and before
+the rename, i.e. in the middle of a save (``tests/test_crash_resume.py``).
+"""
+import errno
+import glob
+import logging
+import os
+import signal
+
+import torch
+
+from tpdiff_plugin.utils.errors import UserError
+
+# basicsr's logger name: get_root_logger() is logging.getLogger('basicsr') with basicsr's handlers
+logger = logging.getLogger('basicsr')
+
+
+# ---------------------------------------------------------------------------------------------- read
+def read_checkpoint(path, what, map_location='cpu'):
+    """``torch.load(path, weights_only=True)``; an unreadable or unsafe file is a one-line UserError.
+
+    ``what`` names the option or flag the path came from (e.g. ``'--weights'``), for the message."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f'{what}: no such checkpoint file: {path}')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torn, foreign or unsafe file: one line naming it)
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else ''
+        if 'weights_only' in text or 'Unsupported global' in text or 'GLOBAL' in text:
+            first = ('refused to unpickle: it holds Python objects other than tensors and plain containers '
+                     '(loaded with weights_only=True; only load checkpoints you trust, and re-save them '
+                     'as plain state dicts)')
+        raise UserError(f'{what}: cannot read checkpoint {path}: {type(e).__name__}: {first}') from None
+
+
+def describe_keys(keys, limit=3):
+    """``'a, b, c (+2 more)'``: a few names for a one-line message."""
+    keys = sorted(keys)
+    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def _is_state_dict(value):
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def pick_params(ckpt, path, param_key=None, fallback_to_params=False):
+    """The state dict inside a basicsr network checkpoint, and the key it was under.
+
+    ``param_key`` None: ``params_ema`` if present, else ``params``, else the file itself when it is a bare
+    state dict (key None). A named ``param_key`` must be present, except that with ``fallback_to_params``
+    a missing one falls back to ``params`` (basicsr's rule for ``param_key_g: params_ema``), with a log line.
+    ``module.`` prefixes (DDP) are dropped. Anything else is a one-line UserError naming ``path``.
+    """
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path}: not a basicsr checkpoint (a dict of state dicts), got {type(ckpt).__name__}')
+    if param_key is None:
+        key = next((k for k in ('params_ema', 'params') if k in ckpt), None)
+    else:
+        key = param_key
+        if key not in ckpt and fallback_to_params and 'params' in ckpt:
+            logger.info(f'Loading: {key} does not exist in {path}, use params.')
+            key = 'params'
+        if key not in ckpt:
+            raise UserError(f'{path}: no "{key}" entry (has: {describe_keys(map(str, ckpt), 5)})')
+    state = ckpt[key] if key is not None else ckpt
+    if not _is_state_dict(state):
+        raise UserError(f'{path}: no "params_ema" or "params" state dict inside '
+                        f'(has: {describe_keys(map(str, ckpt), 5)}); is it a basicsr network checkpoint?')
+    return {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}, key
+
+
+def check_fit(net, state, path, hint):
+    """A one-line UserError when ``state`` does not fit ``net`` exactly: a few missing / unexpected keys and
+    the first mis-shaped one. ``hint`` ends the message (what the user should check)."""
+    own = net.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    parts = []
+    if missing:
+        parts.append(f'missing keys: {describe_keys(missing)}')
+    if unexpected:
+        parts.append(f'unexpected keys: {describe_keys(unexpected)}')
+    if shapes:
+        k = shapes[0]
+        parts.append(f'{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} vs '
+                     f'network {tuple(own[k].shape)}')
+    if parts:
+        raise UserError(f'{path}: does not fit {type(net).__name__} as configured ({"; ".join(parts)}); {hint}')
+
+
+def load_network_file(net, path, what, param_key=None, strict=True, fallback_to_params=False,
+                      hint='check the network options'):
+    """Read ``path``, pick its state dict (:func:`pick_params`) and load it into ``net``.
+
+    ``strict``: the state must fit ``net`` exactly (else a UserError, see :func:`check_fit`); non-strict
+    loading keeps torch's rules (matching names only) and logs what was left out. Returns the key used."""
+    state, key = pick_params(read_checkpoint(path, what), path, param_key, fallback_to_params)
+    logger.info(f'Loading {type(net).__name__} model from {path}, with param key: [{key}].')
+    if strict:
+        check_fit(net, state, path, hint)
+    else:
+        own = net.state_dict()
+        skipped = sorted(set(own) ^ set(state))
+        skipped += sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if skipped:
+            logger.warning(f'Loading {path} non-strictly: left out {describe_keys(skipped)}')
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    net.load_state_dict(state, strict=strict)
+    return key
+
+
+# ---------------------------------------------------------------------------------------------- write
+def _disk_full_error(exc):
+    """The OSError (no space, file too large, quota) behind ``exc``: torch.save wraps it in a RuntimeError."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` to ``path`` via a temporary file in the same folder, fsync and rename.
+
+    A crash at any moment leaves either the old file or the complete new one, never a torn file. A full
+    disk is a one-line UserError and the previous file stays.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.environ.get('TPDIFF_TEST_KILL_DURING_SAVE') == os.path.basename(path):  # test hook, see above
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        disk = _disk_full_error(e)
+        if disk is not None:
+            raise UserError(f'cannot write {path}: {os.strerror(disk.errno)}; nothing was replaced (the previous '
+                            'checkpoint is intact). Free some space, then continue with --auto_resume') from None
+        raise
+    # temporary copies of this file left by a process killed mid-save
+    for stale in glob.glob(os.path.join(glob.escape(folder), f'.{glob.escape(os.path.basename(path))}.tmp*')):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_networks(nets, param_keys, path):
+    """Write basicsr's network checkpoint ``{param_key: state dict}`` for bare ``nets`` atomically (tensors on
+    the CPU, no ``module.`` prefix)."""
+    save_dict = {}
+    for net, key in zip(nets, param_keys):
+        state = net.state_dict()
+        save_dict[key] = {(k[7:] if k.startswith('module.') else k): v.cpu() for k, v in state.items()}
+    atomic_torch_save(save_dict, path)

@@ -1,0 +1,180 @@
+"""Exact resume: what a ``.state`` file holds, which one ``--auto_resume`` picks, and how training continues.
+
+Upstream basicsr 1.4.2 saves optimizers and schedulers, maps the state to ``torch.cuda.current_device()``
+(no GPU: crash), takes the newest ``.state`` even when its networks were never written, and restarts the
+interrupted epoch from its first batch. Here (installed over upstream by ``compat.apply``):
+
+- :func:`save_training_state`: the ``.state`` also holds whatever the model returns from
+  :meth:`TrainingStateHook.extra_training_state` (the explicit hook models implement; our models save the
+  history pools, the RNG streams, the bad-iteration count and the discriminators' parameter counts there),
+  written atomically.
+- :func:`load_resume_state`: maps to the current device or the CPU, ``weights_only=True``; ``--auto_resume``
+  picks the newest *complete* state (every network's ``net_<label>_<iter>.pth`` present).
+- :func:`wrap_create_train_val_dataloader` / :func:`wrap_sampler_iter`: the train sampler continues the
+  interrupted epoch where it stopped and restores the python / numpy / torch RNG streams saved at that
+  moment, so a resumed CPU run with ``num_worker_per_gpu: 0`` repeats the uninterrupted one exactly.
+
+Limits: with dataloader workers each worker's RNG position within the epoch is not saved (same images in
+the same order, other random crops and flips); with several processes (DDP) only rank 0's RNG streams are
+saved, so they are not restored.
+
+Upstream's ``train_pipeline`` calls ``load_resume_state(opt)`` and later ``create_train_val_dataloader(opt,
+logger)`` with no channel between them: :data:`_HANDOFF` carries the epoch position and RNG streams from
+one to the other (written by the first, consumed once by the second).
+"""
+import glob
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+
+from tpdiff_plugin.utils.checkpoint import atomic_torch_save, read_checkpoint
+from tpdiff_plugin.utils.errors import UserError
+
+_HANDOFF = {}
+
+
+class TrainingStateHook:
+    """Mixin for models whose ``.state`` files carry more than optimizers and schedulers.
+
+    :func:`save_training_state` merges ``extra_training_state()`` into the state it writes; the model's
+    ``resume_training(resume_state)`` (basicsr's) reads those entries back.
+    """
+
+    def extra_training_state(self):
+        """Entries (plain containers of tensors and numbers) to merge into the ``.state`` file."""
+        return {}
+
+
+def save_training_state(model, epoch, current_iter):
+    """Upstream ``BaseModel.save_training_state`` plus the model's extra state, written atomically."""
+    if current_iter == -1:
+        return
+    state = {'epoch': epoch, 'iter': current_iter,
+             'optimizers': [o.state_dict() for o in model.optimizers],
+             'schedulers': [s.state_dict() for s in model.schedulers]}
+    if isinstance(model, TrainingStateHook):
+        state.update(model.extra_training_state())
+    atomic_torch_save(state, os.path.join(model.opt['path']['training_states'], f'{current_iter}.state'))
+
+
+def get_rng_states():
+    """The python ``random``, numpy and torch (CPU, and CUDA when present) RNG states, as plain objects
+    that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {'python': random.getstate(),
+              'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+              'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    """Restore what :func:`get_rng_states` returned."""
+    version, internal, gauss = states['python']
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = states['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states['torch'])
+    if states.get('cuda') is not None and torch.cuda.is_available():
+        cuda = states['cuda']
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def complete_states(opt):
+    """``(iter, path)`` of every ``.state`` in the experiment whose networks were saved, newest first.
+
+    Networks are saved before the ``.state`` and every file is written atomically, so a ``.state`` is
+    complete by construction; this also skips a state whose ``net_g_<iter>.pth`` (or the file of another
+    network that has checkpoints at other iterations) has been deleted since.
+    """
+    state_dir = os.path.join('experiments', opt['name'], 'training_states')
+    model_dir = os.path.join('experiments', opt['name'], 'models')
+    if not os.path.isdir(state_dir):
+        return []
+    iters = [int(name[:-len('.state')]) for name in os.listdir(state_dir)
+             if name.endswith('.state') and name[:-len('.state')].isdigit()]
+    labels = [k[len('network_'):] for k in opt if k.startswith('network_')]
+    labels = [x for x in labels if x == 'g' or glob.glob(os.path.join(glob.escape(model_dir), f'net_{x}_*.pth'))]
+    out = []
+    for it in sorted(iters, reverse=True):
+        missing = [x for x in labels if not os.path.isfile(os.path.join(model_dir, f'net_{x}_{it}.pth'))]
+        if missing:
+            warnings.warn(f'auto_resume: skipping {state_dir}/{it}.state: net_{missing[0]}_{it}.pth is missing')
+            continue
+        out.append((it, os.path.join(state_dir, f'{it}.state')))
+    return out
+
+
+def load_resume_state(opt):
+    """basicsr.train.load_resume_state without the CUDA assumption, ``weights_only=True``; ``--auto_resume``
+    picks the newest complete state. Leaves the epoch position and RNG streams in :data:`_HANDOFF`."""
+    from basicsr.train import check_resume  # at call time: basicsr imports only after compat's torchvision mend
+
+    _HANDOFF.clear()
+    resume_state_path = None
+    if opt['auto_resume']:
+        states = complete_states(opt)
+        if states:
+            resume_state_path = states[0][1]
+            opt['path']['resume_state'] = resume_state_path
+    elif opt['path'].get('resume_state'):
+        resume_state_path = opt['path']['resume_state']
+
+    if resume_state_path is None:
+        return None
+    if not os.path.isfile(resume_state_path):
+        raise FileNotFoundError(f'path.resume_state: no such file: {resume_state_path}')
+    if torch.cuda.is_available() and opt.get('num_gpu', 0) != 0:
+        device = torch.device('cuda', torch.cuda.current_device())
+    else:
+        device = torch.device('cpu')
+    resume_state = read_checkpoint(resume_state_path, 'path.resume_state', map_location=device)
+    if not isinstance(resume_state, dict) or not isinstance(resume_state.get('iter'), int):
+        raise UserError(f'path.resume_state: {resume_state_path} is not a basicsr training state (no "iter")')
+    check_resume(opt, resume_state['iter'])
+    # the RNG streams are rank 0's (only rank 0 saves): restoring them on every rank would make the ranks'
+    # random draws identical, so multi-process runs resume with their seeded streams instead
+    rng = resume_state.get('rng_states') if opt.get('world_size', 1) == 1 else None
+    _HANDOFF.update(iter=resume_state['iter'], epoch=resume_state.get('epoch', 0), rng=rng)
+    return resume_state
+
+
+def wrap_sampler_iter(original_iter):
+    """``EnlargedSampler.__iter__`` that, once after a resume, restores the RNG streams and skips the batches
+    the interrupted run already consumed in this epoch."""
+    def sampler_iter(self):
+        resume = getattr(self, '_tpdiff_resume', None)
+        self._tpdiff_resume = None
+        indices = original_iter(self)
+        if resume is None:
+            return indices
+        skip, rng = resume
+        if rng is not None:
+            set_rng_states(rng)
+        return iter(list(indices)[skip:])
+    sampler_iter.__doc__ = original_iter.__doc__
+    return sampler_iter
+
+
+def wrap_create_train_val_dataloader(create):
+    """basicsr's ``create_train_val_dataloader`` that hands the resume position to the train sampler."""
+    def create_with_resume(opt, logger):
+        result = create(opt, logger)
+        train_loader, train_sampler = result[0], result[1]
+        resume = dict(_HANDOFF)
+        _HANDOFF.clear()
+        if resume and train_loader is not None and train_sampler is not None:
+            per_epoch = len(train_loader)
+            done = resume['iter'] - resume['epoch'] * per_epoch  # iterations of the saved epoch already run
+            done = min(max(done, 0), per_epoch)
+            train_sampler._tpdiff_resume = (done * train_loader.batch_size, resume['rng'])
+            logger.info(f'Resume: continuing epoch {resume["epoch"]} after its first {done} of {per_epoch} '
+                        'iterations' + ('' if resume['rng'] is not None else ' (no RNG states saved)'))
+        return result
+    create_with_resume.__doc__ = create.__doc__
+    return create_with_resume
