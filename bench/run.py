@@ -155,7 +155,7 @@ def main(argv=None):
     noise = torch.randn(tp.prior_shape(x), generator=torch.Generator().manual_seed(2)).to(device)
     # The DM alone, on the padded image exactly as TPDiffNet.forward calls it (eager, same precision): timed
     # as its own call interleaved with the others, so that the share does not depend on hooks or compile.
-    from tpdiff_plugin.archs.tpe_arch import pad_to_multiple
+    from tpdiff_plugin.archs.arch_util import pad_to_multiple
     x_dm = pad_to_multiple(x, tp.pad_multiple)
     noise_dm = torch.randn(tp.dm.prior_ch, x_dm.shape[-2] // tp.prior_scale, x_dm.shape[-1] // tp.prior_scale,
                            generator=torch.Generator().manual_seed(2))[None].to(device)

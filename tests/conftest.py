@@ -1,4 +1,5 @@
 """Shared test helpers: every test runs on CPU with tiny configs."""
+import copy
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import tpdiff_plugin  # noqa: F401  (mends basicsr and registers everything once for the session)
+from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -24,6 +26,26 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The tiny TPDiffNet most tests use, as a network_g block (lists, so it dumps to YAML as it is).
+# identity_init off: a random output conv, so that the network changes images and tests can see it.
+TINY_NET = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
+                prior_ch=8, prior_hidden=8, ffn_expansion_factor=2.0, dm_feats=8, dm_blocks=1, dm_cond_blocks=1,
+                dm_timesteps=4, identity_init=False)
+
+
+def tiny_net_opts(**overrides):
+    """A fresh copy of ``TINY_NET`` (a ``network_g`` block with ``type``), ``overrides`` replacing or adding keys."""
+    return {**copy.deepcopy(TINY_NET), **overrides}
+
+
+def tiny_net(seed=0, **overrides):
+    """The tiny TPDiffNet of ``tiny_net_opts(**overrides)``, built after ``torch.manual_seed(seed)``."""
+    kwargs = tiny_net_opts(**overrides)
+    kwargs.pop('type')
+    torch.manual_seed(seed)
+    return TPDiffNet(**kwargs)
 
 
 def free_port():

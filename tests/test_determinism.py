@@ -28,7 +28,7 @@ def tiny_options(data, name, total_iter=20, save_freq=5, stage_file='demo/stage1
     opt['network_g'].update(dim=4, dm_feats=8, dm_timesteps=4, prior_ch=8, prior_hidden=4)
     opt['network_tpe'].update(prior_ch=8, mem_slots=8, enc_ch=4)
     for key in ('network_d_sharp', 'network_d_blur', 'network_d_wave'):
-        opt[key].update(base_ch=4, n_layers=2)
+        opt[key].update(base_ch=4, num_layers=2)
     opt['network_rb'].update(base_ch=4, num_levels=2)
     opt['train'].update(total_iter=total_iter, pool_size=3)
     opt['logger'].update(print_freq=1, save_checkpoint_freq=save_freq)

@@ -35,8 +35,8 @@ network_tpe:
 network_dm:
   type: PriorDiffusion
   prior_ch: 6
-  n_feats: 8
-  n_blocks: 1
+  feat_ch: 8
+  num_blocks: 1
   timesteps: 2
 ''')
 CLASSES = {'network_g': TPDiffNet, 'network_tpe': TexturePriorEncoder, 'network_dm': PriorDiffusion}

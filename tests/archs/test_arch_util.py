@@ -1,8 +1,51 @@
-"""Shared network helpers: zero init, ICNR, the binomial blur."""
+"""Shared network helpers: padding to a multiple, zero / small init, ICNR, the binomial blur."""
+import pytest
 import torch
 from torch import nn
 
-from tpdiff_plugin.archs.arch_util import BinomialBlur, icnr_, zero_init_
+from tpdiff_plugin.archs.arch_util import BinomialBlur, icnr_, pad_to_multiple, small_init_, zero_init_
+from tpdiff_plugin.archs.fm_msa import DEFORM_IMPLS, check_deform_impl
+
+
+def test_pad_to_multiple_reflects_and_falls_back_to_replication():
+    x = torch.arange(35.).view(1, 1, 5, 7)
+    y = pad_to_multiple(x, 4)
+    assert y.shape == (1, 1, 8, 8)
+    assert torch.equal(y[..., :5, :7], x)
+    assert torch.equal(y[..., 5, :7], x[..., 3, :])  # reflection of row 4 about row 4 -> row 3
+    assert pad_to_multiple(x, 1) is x
+    tiny = pad_to_multiple(torch.ones(1, 1, 2, 2), 8)  # pad larger than the side: replication
+    assert torch.equal(tiny, torch.ones(1, 1, 8, 8))
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    p = pad_to_multiple(x, 8)  # pads of 5 and 4 exceed the sides: replication
+    assert p.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(p[..., 7, :4], x[..., 2, :])
+
+
+def test_pad_to_multiple_square_and_replicate_mode():
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    assert pad_to_multiple(x, 1, square=True).shape == (1, 1, 4, 4)
+    assert pad_to_multiple(x, 4, square=True).shape == (1, 1, 4, 4)
+    assert pad_to_multiple(torch.rand(2, 3, 5, 9), 4, square=True).shape == (2, 3, 12, 12)
+    p = pad_to_multiple(x, 2, mode='replicate')  # ReblurUNet's padding: small pads replicate too
+    assert p.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(p[..., 3, :], x[..., 2, :])
+
+
+def test_small_init_scales_the_weight_and_zeroes_the_bias():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 1)
+    weight = conv.weight.detach().clone()
+    assert small_init_(conv) is conv
+    torch.testing.assert_close(conv.weight, weight * 0.1, atol=0, rtol=0)
+    assert conv.bias.abs().sum() == 0 and conv.weight.requires_grad
+
+
+def test_check_deform_impl():
+    for impl in DEFORM_IMPLS:
+        check_deform_impl(impl)
+    with pytest.raises(ValueError, match="deform_impl must be one of .* got 'cuda'"):
+        check_deform_impl('cuda')
 
 
 def test_zero_init_zeroes_weight_and_bias():

@@ -3,14 +3,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_net
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion, sqrt_linear_betas
 
 
 
 def _tiny(timesteps=4, prior_scale=4, **kw):
     torch.manual_seed(0)
-    return PriorDiffusion(in_ch=3, prior_ch=6, prior_scale=prior_scale, n_feats=8, n_blocks=2, timesteps=timesteps,
-                          n_cond_blocks=1, **kw)
+    return PriorDiffusion(in_ch=3, prior_ch=6, prior_scale=prior_scale, feat_ch=8, num_blocks=2, timesteps=timesteps,
+                          num_cond_blocks=1, **kw)
 
 
 def _count_denoiser_calls(dm):
@@ -148,10 +149,7 @@ def test_explicit_noise_replaces_the_draw_in_sampling_and_training():
 
 
 def test_tpdiffnet_passes_noise_to_the_dm_with_the_callers_prior_shape():
-    from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
-    torch.manual_seed(0)
-    net = TPDiffNet(dim=4, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 1, 1), prior_ch=6,
-                    prior_hidden=4, dm_feats=8, dm_blocks=1, dm_cond_blocks=1, dm_timesteps=2).eval()
+    net = tiny_net(prior_ch=6, dm_timesteps=2).eval()
     with torch.no_grad():
         lq = torch.rand(1, 3, 16, 24)  # a multiple of 8: no padding, the noise is used as given
         noise = torch.randn(1, 6, 4, 6, generator=torch.Generator().manual_seed(3))

@@ -20,18 +20,18 @@ def _receptive_field(net, size=160):
 
 def test_70x70_receptive_field():
     torch.manual_seed(0)
-    net = PatchDiscriminator(in_ch=3, base_ch=4, n_layers=3, norm='none')
+    net = PatchDiscriminator(in_ch=3, base_ch=4, num_layers=3, norm='none')
     assert _receptive_field(net) == (70, 70)
 
 
-@pytest.mark.parametrize('n_layers,size,expected', [(3, 256, 30), (3, 64, 6), (3, 24, 1), (2, 32, 6)])
-def test_output_shape(n_layers, size, expected):
-    net = PatchDiscriminator(in_ch=9, base_ch=4, n_layers=n_layers)
+@pytest.mark.parametrize('num_layers,size,expected', [(3, 256, 30), (3, 64, 6), (3, 24, 1), (2, 32, 6)])
+def test_output_shape(num_layers, size, expected):
+    net = PatchDiscriminator(in_ch=9, base_ch=4, num_layers=num_layers)
     assert net(torch.rand(2, 9, size, size)).shape == (2, 1, expected, expected)
 
 
 def test_strided_convs_are_4x4_stride_2_with_leaky_relu():
-    net = PatchDiscriminator(base_ch=4, n_layers=3, norm='none')
+    net = PatchDiscriminator(base_ch=4, num_layers=3, norm='none')
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)] * 2
     assert all(c.kernel_size == (4, 4) for c in convs)
@@ -42,7 +42,7 @@ def test_strided_convs_are_4x4_stride_2_with_leaky_relu():
 
 def test_spectral_norm_bounds_each_conv():
     torch.manual_seed(0)
-    net = build_network({'type': 'PatchDiscriminator', 'base_ch': 4, 'n_layers': 3, 'norm': 'spectral'})
+    net = build_network({'type': 'PatchDiscriminator', 'base_ch': 4, 'num_layers': 3, 'norm': 'spectral'})
     x = torch.rand(2, 3, 32, 32)
     for _ in range(30):  # power iterations run in training mode
         net(x)
@@ -56,7 +56,7 @@ def test_spectral_norm_bounds_each_conv():
 
 
 def test_instance_norm_layers():
-    net = PatchDiscriminator(base_ch=4, n_layers=3, norm='instance')
+    net = PatchDiscriminator(base_ch=4, num_layers=3, norm='instance')
     norms = [m for m in net.modules() if isinstance(m, nn.InstanceNorm2d)]
     assert len(norms) == 3  # after conv 2, conv 3 and the stride-1 conv; not after the first or the last
     out = net(torch.rand(2, 3, 32, 32))
@@ -64,7 +64,7 @@ def test_instance_norm_layers():
 
 
 def test_gradients_reach_every_parameter():
-    net = PatchDiscriminator(in_ch=9, base_ch=4, n_layers=2, norm='spectral')
+    net = PatchDiscriminator(in_ch=9, base_ch=4, num_layers=2, norm='spectral')
     net(torch.rand(2, 9, 32, 32)).mean().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -72,8 +72,8 @@ def test_gradients_reach_every_parameter():
 
 def test_too_small_input_and_bad_options_raise():
     with pytest.raises(ValueError, match='at least 24x24'):
-        PatchDiscriminator(base_ch=4, n_layers=3)(torch.rand(1, 3, 20, 32))
+        PatchDiscriminator(base_ch=4, num_layers=3)(torch.rand(1, 3, 20, 32))
     with pytest.raises(ValueError, match='norm'):
         PatchDiscriminator(norm='batch')
-    with pytest.raises(ValueError, match='n_layers'):
-        PatchDiscriminator(n_layers=0)
+    with pytest.raises(ValueError, match='num_layers'):
+        PatchDiscriminator(num_layers=0)

@@ -9,7 +9,8 @@ from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from tpdiff_plugin.archs import peers_arch
-from tpdiff_plugin.archs.peers_arch import PEERS, PUBLISHED_CONFIGS, pad_for
+from tpdiff_plugin.archs.arch_util import pad_to_multiple
+from tpdiff_plugin.archs.peers_arch import PEERS, PUBLISHED_CONFIGS
 from tpdiff_plugin.utils.errors import UserError
 
 needs_spandrel = pytest.mark.skipif(importlib.util.find_spec('spandrel') is None or
@@ -56,25 +57,13 @@ def test_peer_matches_upstream_and_pads_any_size(name):
         out = net(x)
         assert out.shape == x.shape and torch.isfinite(out).all()
         # the adapter's job: pad to the size upstream needs, run upstream, keep the final output, crop back
-        xp = pad_for(x, multiple, square)
+        xp = pad_to_multiple(x, multiple, square=square)
         assert xp.shape[-2] % multiple == 0 and xp.shape[-1] % multiple == 0
         assert xp.shape[-2] == xp.shape[-1] if square else True
         up = ref(xp)
         up = up[0] if isinstance(up, (list, tuple)) else up
         torch.testing.assert_close(out, up[..., :37, :50], rtol=1e-5, atol=1e-5)
         assert (out - x).abs().mean() > 1e-4  # random weights: it really ran a network
-
-
-def test_pad_for_reflects_and_falls_back_to_replication():
-    x = torch.arange(12.0).view(1, 1, 3, 4)
-    p = pad_for(x, 4)
-    assert p.shape == (1, 1, 4, 4)
-    torch.testing.assert_close(p[..., 3, :], x[..., 1, :])  # reflection of row 2 about row 2 -> row 1
-    p = pad_for(x, 8)  # pads of 5 and 4 exceed the sides: replication
-    assert p.shape == (1, 1, 8, 8)
-    torch.testing.assert_close(p[..., 7, :4], x[..., 2, :])
-    assert pad_for(x, 1) is x
-    assert pad_for(x, 1, square=True).shape == (1, 1, 4, 4)
 
 
 @needs_spandrel

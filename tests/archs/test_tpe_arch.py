@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tpdiff_plugin.archs.tpe_arch import TexturePriorEncoder, pad_to_multiple
+from tpdiff_plugin.archs.tpe_arch import TexturePriorEncoder
 
 
 
@@ -96,17 +96,6 @@ def test_argmax_read_sends_gradient_to_selected_entries_only():
     assert tpe.read_q.weight.grad.abs().sum() > 0
     assert tpe.enc_blur.body[0].weight.grad.abs().sum() > 0
     assert tpe.write_q.weight.grad is None  # no write happened
-
-
-def test_pad_to_multiple():
-    x = torch.arange(35.).view(1, 1, 5, 7)
-    y = pad_to_multiple(x, 4)
-    assert y.shape == (1, 1, 8, 8)
-    assert torch.equal(y[..., :5, :7], x)
-    assert torch.equal(y[..., 5, :7], x[..., 3, :])  # reflection
-    assert pad_to_multiple(x, 1) is x
-    tiny = pad_to_multiple(torch.ones(1, 1, 2, 2), 8)  # pad larger than the side: replication
-    assert torch.equal(tiny, torch.ones(1, 1, 8, 8))
 
 
 def test_untrained_read_uses_many_memory_entries_on_photos():

@@ -20,7 +20,7 @@ TINY_TPE = {'type': 'TexturePriorEncoder', 'prior_ch': 8, 'mem_slots': 16, 'prio
 
 def make_opt(root, stage=1, **train):
     unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3, 'identity_init': False}
-    disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'n_layers': 2}
+    disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'num_layers': 2}
     opt = {
         'name': f'tpdiff_s{stage}', 'model_type': 'TPDiffModel', 'stage': stage, 'num_gpu': 0, 'dist': False,
         'rank': 0, 'world_size': 1, 'is_train': True, 'manual_seed': 0,

@@ -21,7 +21,7 @@ LABELS = ('g', 'rb', 'd_sharp', 'd_blur', 'd_wave')
 def make_opt(tmp_path=None, wave=True, pool_size=4, **train):
     # identity_init off: the tests follow gradients into every layer from the first step
     unet = {'type': 'ReblurUNet', 'base_ch': 4, 'num_levels': 3, 'identity_init': False}
-    disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'n_layers': 2, 'norm': 'spectral'}
+    disc = {'type': 'PatchDiscriminator', 'base_ch': 4, 'num_layers': 2, 'norm': 'spectral'}
     root = str(tmp_path or '/nonexistent')
     opt = {
         'name': 'cycle_test', 'model_type': 'UnpairedCycleModel', 'num_gpu': 0, 'dist': False, 'rank': 0,

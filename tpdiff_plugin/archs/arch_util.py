@@ -5,8 +5,28 @@ Not auto-registered: the archs package imports only ``*_arch.py`` modules into t
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
+
+
+def pad_to_multiple(x, multiple, mode='reflect', square=False):
+    """Pad ``x [..., H, W]`` at the bottom/right up to multiples of ``multiple`` (and to a square if asked).
+
+    Reflection needs the pad to be smaller than the side; tiny inputs fall back to replication.
+    Returns ``x`` itself when nothing is to pad, else the padded tensor; crop with ``[..., :H, :W]``.
+    Used by TPDiffNet (lcm(8, s)), the TPE (s), ReblurUNet (2**(levels-1), replicate) and the peers.
+    """
+    h, w = x.shape[-2:]
+    th, tw = h + (-h) % multiple, w + (-w) % multiple
+    if square:
+        th = tw = max(th, tw)
+    ph, pw = th - h, tw - w
+    if ph == 0 and pw == 0:
+        return x
+    if mode == 'reflect' and (ph >= h or pw >= w):
+        mode = 'replicate'
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
 def zero_init_(conv):
@@ -21,6 +41,18 @@ def zero_init_(conv):
         nn.init.zeros_(conv.weight)
         if conv.bias is not None:
             nn.init.zeros_(conv.bias)
+    return conv
+
+
+def small_init_(conv, scale=0.1):
+    """Scale a layer's weight by ``scale`` and zero its bias in place; return it.
+
+    For the last layer of a prior branch (FM-MSA's offsets/mask, TM-FFN's γ/φ): the block starts near its
+    prior-free form while, unlike a zero layer, every parameter of the branch gets gradient from the start.
+    """
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+        conv.bias.zero_()
     return conv
 
 

@@ -4,9 +4,9 @@ The DM runs on z, never on pixels, with T steps (8 in the paper) and the schedul
 LDM's "linear" schedule with ``linear_start=0.1, linear_end=0.99``, i.e. linear in sqrt(beta),
 ``sqrt(beta_t) = linspace(sqrt(beta_start), sqrt(beta_end), T)``, so beta runs from 0.1 to 0.99.
 
-- Condition: ``c = E_c(lq)``: PixelUnshuffle(s) -> 3x3 conv -> ``n_cond_blocks`` residual blocks, at the
-  prior's resolution (1/s), ``n_feats`` channels.
-- Denoiser: a small conv net (z is spatial): ``[z_t, c] -> 3x3 conv -> n_blocks residual blocks, each
+- Condition: ``c = E_c(lq)``: PixelUnshuffle(s) -> 3x3 conv -> ``num_cond_blocks`` residual blocks, at the
+  prior's resolution (1/s), ``feat_ch`` channels.
+- Denoiser: a small conv net (z is spatial): ``[z_t, c] -> 3x3 conv -> num_blocks residual blocks, each
   adding a projection of the sinusoidal time embedding -> 3x3 conv -> ẑ_0`` (x0-parameterisation).
 - Reverse step (deterministic, as in DiffIR): ``z_{t-1} = posterior_mean(ẑ_0, z_t)``, no added noise;
   the last step returns ẑ_0.
@@ -43,11 +43,11 @@ def timestep_embedding(t, dim):
 class ResBlock(nn.Module):
     """``x + conv(GELU(conv(GELU(x)) + temb))``; ``temb`` [B, C] or None. Shapes kept."""
 
-    def __init__(self, n_feats, temb_dim=None):
+    def __init__(self, feat_ch, temb_dim=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(n_feats, n_feats, 3, padding=1)
-        self.conv2 = nn.Conv2d(n_feats, n_feats, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_dim, n_feats) if temb_dim else None
+        self.conv1 = nn.Conv2d(feat_ch, feat_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(feat_ch, feat_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, feat_ch) if temb_dim else None
 
     def forward(self, x, temb=None):
         h = self.conv1(F.gelu(x))
@@ -57,13 +57,13 @@ class ResBlock(nn.Module):
 
 
 class ConditionEncoder(nn.Module):
-    """E_c: ``lq [B, in_ch, H, W] -> c [B, n_feats, H/s, W/s]``."""
+    """E_c: ``lq [B, in_ch, H, W] -> c [B, feat_ch, H/s, W/s]``."""
 
-    def __init__(self, in_ch=3, n_feats=64, prior_scale=4, n_blocks=2):
+    def __init__(self, in_ch=3, feat_ch=64, prior_scale=4, num_blocks=2):
         super().__init__()
         self.head = nn.Sequential(nn.PixelUnshuffle(prior_scale),
-                                  nn.Conv2d(in_ch * prior_scale * prior_scale, n_feats, 3, padding=1))
-        self.blocks = nn.ModuleList(ResBlock(n_feats) for _ in range(n_blocks))
+                                  nn.Conv2d(in_ch * prior_scale * prior_scale, feat_ch, 3, padding=1))
+        self.blocks = nn.ModuleList(ResBlock(feat_ch) for _ in range(num_blocks))
 
     def forward(self, x):
         x = self.head(x)
@@ -73,18 +73,18 @@ class ConditionEncoder(nn.Module):
 
 
 class PriorDenoiser(nn.Module):
-    """``(z_t [B, prior_ch, h, w], c [B, n_feats, h, w], t [B] long) -> ẑ_0 [B, prior_ch, h, w]``."""
+    """``(z_t [B, prior_ch, h, w], c [B, feat_ch, h, w], t [B] long) -> ẑ_0 [B, prior_ch, h, w]``."""
 
-    def __init__(self, prior_ch=64, n_feats=64, n_blocks=5):
+    def __init__(self, prior_ch=64, feat_ch=64, num_blocks=5):
         super().__init__()
-        self.n_feats = n_feats
-        self.time_mlp = nn.Sequential(nn.Linear(n_feats, n_feats), nn.GELU(), nn.Linear(n_feats, n_feats))
-        self.head = nn.Conv2d(prior_ch + n_feats, n_feats, 3, padding=1)
-        self.blocks = nn.ModuleList(ResBlock(n_feats, n_feats) for _ in range(n_blocks))
-        self.tail = nn.Conv2d(n_feats, prior_ch, 3, padding=1)
+        self.feat_ch = feat_ch
+        self.time_mlp = nn.Sequential(nn.Linear(feat_ch, feat_ch), nn.GELU(), nn.Linear(feat_ch, feat_ch))
+        self.head = nn.Conv2d(prior_ch + feat_ch, feat_ch, 3, padding=1)
+        self.blocks = nn.ModuleList(ResBlock(feat_ch, feat_ch) for _ in range(num_blocks))
+        self.tail = nn.Conv2d(feat_ch, prior_ch, 3, padding=1)
 
     def forward(self, z_t, c, t):
-        temb = self.time_mlp(timestep_embedding(t, self.n_feats))
+        temb = self.time_mlp(timestep_embedding(t, self.feat_ch))
         x = self.head(torch.cat([z_t, c], dim=1))
         for block in self.blocks:
             x = block(x, temb)
@@ -96,21 +96,21 @@ class PriorDiffusion(nn.Module):
     """The DM on the texture prior. See the module docstring for the algorithm and shapes.
 
     Args:
-        in_ch: image channels. prior_ch / prior_scale: the TPE's C and s. n_feats: width of E_c and the
-        denoiser. n_blocks: denoiser residual blocks. n_cond_blocks: E_c residual blocks.
+        in_ch: image channels. prior_ch / prior_scale: the TPE's C and s. feat_ch: width of E_c and the
+        denoiser. num_blocks: denoiser residual blocks. num_cond_blocks: E_c residual blocks.
         timesteps: T. beta_start / beta_end: first and last beta of the schedule linear in sqrt(beta).
     """
 
-    def __init__(self, in_ch=3, prior_ch=64, prior_scale=4, n_feats=64, n_blocks=5, timesteps=8,
-                 beta_start=0.1, beta_end=0.99, n_cond_blocks=2):
+    def __init__(self, in_ch=3, prior_ch=64, prior_scale=4, feat_ch=64, num_blocks=5, timesteps=8,
+                 beta_start=0.1, beta_end=0.99, num_cond_blocks=2):
         super().__init__()
         if timesteps < 1:
             raise ValueError(f'timesteps must be >= 1, got {timesteps}')
         self.prior_ch = prior_ch
         self.prior_scale = prior_scale
         self.timesteps = timesteps
-        self.condition = ConditionEncoder(in_ch, n_feats, prior_scale, n_cond_blocks)
-        self.denoiser = PriorDenoiser(prior_ch, n_feats, n_blocks)
+        self.condition = ConditionEncoder(in_ch, feat_ch=feat_ch, prior_scale=prior_scale, num_blocks=num_cond_blocks)
+        self.denoiser = PriorDenoiser(prior_ch, feat_ch=feat_ch, num_blocks=num_blocks)
 
         betas = sqrt_linear_betas(timesteps, beta_start, beta_end)
         alphas = 1.0 - betas

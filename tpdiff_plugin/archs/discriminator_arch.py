@@ -1,7 +1,7 @@
 """PatchGAN discriminator of TP-Diff's cycle (paper: D_S, D_B and the wavelet discriminator D_W).
 
-A 70x70 PatchGAN (pix2pix / CycleGAN): ``n_layers`` 4x4 stride-2 convs with LeakyReLU(0.2), then one
-4x4 stride-1 conv and a 4x4 stride-1 conv to one logit per patch. With ``n_layers=3`` each logit sees
+A 70x70 PatchGAN (pix2pix / CycleGAN): ``num_layers`` 4x4 stride-2 convs with LeakyReLU(0.2), then one
+4x4 stride-1 conv and a 4x4 stride-1 conv to one logit per patch. With ``num_layers=3`` each logit sees
 a 70x70 input window. The same class judges sharp images (D_S, 3 channels), blurry images (D_B,
 3 channels) and the wavelet detail bands (D_W, ``in_ch=9`` at half resolution).
 
@@ -10,8 +10,8 @@ a 70x70 input window. The same class judges sharp images (D_S, 3 channels), blur
 which is what the generator learns from, has a period-2 structure that a generator copies into its output
 as a checkerboard; the blur removes that structure.
 
-Shapes: [B, in_ch, H, W] -> [B, 1, H / 2**n_layers - 2, W / 2**n_layers - 2] (floored per stride);
-the input needs H, W >= 3 * 2**n_layers (24 px for n_layers=3).
+Shapes: [B, in_ch, H, W] -> [B, 1, H / 2**num_layers - 2, W / 2**num_layers - 2] (floored per stride);
+the input needs H, W >= 3 * 2**num_layers (24 px for num_layers=3).
 """
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
@@ -30,19 +30,19 @@ class PatchDiscriminator(nn.Module):
     Args:
         in_ch (int): input channels (3 for images, 9 for wavelet bands).
         base_ch (int): channels of the first conv; doubled per stride-2 conv, capped at 8x.
-        n_layers (int): number of stride-2 convs (3 gives the 70x70 receptive field).
+        num_layers (int): number of stride-2 convs (3 gives the 70x70 receptive field).
         norm (str): 'spectral' (spectral norm on every conv, no feature norm), 'instance'
             (InstanceNorm after every conv but the first and last, as CycleGAN) or 'none'.
         blur_pool (bool): blur before every stride-2 conv (anti-aliasing; see the module docstring).
     """
 
-    def __init__(self, in_ch=3, base_ch=64, n_layers=3, norm='spectral', blur_pool=False):
+    def __init__(self, in_ch=3, base_ch=64, num_layers=3, norm='spectral', blur_pool=False):
         super().__init__()
         if norm not in _NORMS:
             raise ValueError(f'PatchDiscriminator: norm must be one of {_NORMS}, got "{norm}"')
-        if n_layers < 1:
-            raise ValueError(f'PatchDiscriminator: n_layers must be >= 1, got {n_layers}')
-        self.n_layers = n_layers
+        if num_layers < 1:
+            raise ValueError(f'PatchDiscriminator: num_layers must be >= 1, got {num_layers}')
+        self.num_layers = num_layers
         wrap = spectral_norm if norm == 'spectral' else (lambda m: m)
 
         def block(cin, cout, stride, feature_norm):
@@ -53,18 +53,18 @@ class PatchDiscriminator(nn.Module):
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             return layers
 
-        chs = [base_ch * min(2**i, 8) for i in range(n_layers + 1)]
+        chs = [base_ch * min(2**i, 8) for i in range(num_layers + 1)]
         layers = block(in_ch, chs[0], 2, feature_norm=False)
-        for i in range(1, n_layers):
+        for i in range(1, num_layers):
             layers += block(chs[i - 1], chs[i], 2, feature_norm=True)
-        layers += block(chs[n_layers - 1], chs[n_layers], 1, feature_norm=True)
-        layers.append(wrap(nn.Conv2d(chs[n_layers], 1, 4, 1, 1)))
+        layers += block(chs[num_layers - 1], chs[num_layers], 1, feature_norm=True)
+        layers.append(wrap(nn.Conv2d(chs[num_layers], 1, 4, 1, 1)))
         self.body = nn.Sequential(*layers)
 
     def forward(self, x):
-        min_size = 3 * 2**self.n_layers
+        min_size = 3 * 2**self.num_layers
         if min(x.shape[-2:]) < min_size:
-            raise ValueError(f'PatchDiscriminator(n_layers={self.n_layers}) needs inputs of at least '
+            raise ValueError(f'PatchDiscriminator(num_layers={self.num_layers}) needs inputs of at least '
                              f'{min_size}x{min_size} px, got {tuple(x.shape[-2:])}; use a larger patch '
-                             '(gt_size) or fewer n_layers')
+                             '(gt_size) or fewer num_layers')
         return self.body(x)

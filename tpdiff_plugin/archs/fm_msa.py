@@ -30,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpdiff_plugin.archs.arch_util import small_init_
+
 DEFORM_IMPLS = ('auto', 'torchvision', 'grid_sample')
 
 
-def _check_impl(impl):
+def check_deform_impl(impl):
+    """Raise ``ValueError`` unless ``impl`` is one of ``DEFORM_IMPLS`` (the ``deform_impl`` option)."""
     if impl not in DEFORM_IMPLS:
         raise ValueError(f'deform_impl must be one of {DEFORM_IMPLS}, got {impl!r}')
 
@@ -88,7 +91,7 @@ def deform_filter(x, offset, mask, weight, bias=None, padding=None, dilation=1, 
     Returns:
         ``[B, C_out, H, W]``.
     """
-    _check_impl(impl)
+    check_deform_impl(impl)
     kh, kw = weight.shape[-2:]
     dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     if padding is None:
@@ -113,7 +116,7 @@ class PriorDeformFilter(nn.Module):
     def __init__(self, dim, prior_ch=64, kernel_size=3, offset_groups=1, prior_hidden=16, bias=False,
                  deform_impl='auto'):
         super().__init__()
-        _check_impl(deform_impl)
+        check_deform_impl(deform_impl)
         if dim % offset_groups:
             raise ValueError(f'dim ({dim}) must be divisible by offset_groups ({offset_groups})')
         self.kernel_size = kernel_size
@@ -123,9 +126,7 @@ class PriorDeformFilter(nn.Module):
         self.prior_convs = nn.Sequential(
             nn.Conv2d(prior_ch, prior_hidden, 1), nn.GELU(),
             nn.Conv2d(prior_hidden, 3 * taps * offset_groups, 3, padding=1))
-        with torch.no_grad():  # start near a plain filter: offsets of a fraction of a pixel, mask near 0.5
-            self.prior_convs[-1].weight.mul_(0.1)
-            self.prior_convs[-1].bias.zero_()
+        small_init_(self.prior_convs[-1])  # start near a plain filter: offsets of a fraction of a pixel, mask near 0.5
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Conv2d's default init
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
@@ -155,8 +156,9 @@ class FMMSA(nn.Module):
         self.use_filter = use_filter
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         if use_filter:
-            self.filter = PriorDeformFilter(dim, prior_ch, filter_kernel, offset_groups, prior_hidden, bias,
-                                            deform_impl)
+            self.filter = PriorDeformFilter(dim, prior_ch=prior_ch, kernel_size=filter_kernel,
+                                            offset_groups=offset_groups, prior_hidden=prior_hidden, bias=bias,
+                                            deform_impl=deform_impl)
             self.q = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=bias),
                                    nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=bias))
             self.kv = nn.Sequential(nn.Conv2d(dim, dim * 2, 1, bias=bias),

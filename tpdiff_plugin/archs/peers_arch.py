@@ -29,10 +29,10 @@ names a peer fails with one clear line instead of "no network named ...".
 import importlib
 import warnings
 
-import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from tpdiff_plugin.archs.arch_util import pad_to_multiple
 from tpdiff_plugin.utils.errors import UserError
 
 INSTALL_HINT = 'pip install spandrel==0.4.2 spandrel-extra-arches==0.2.0'
@@ -57,23 +57,6 @@ PUBLISHED_CONFIGS = {
 }
 
 
-def pad_for(x, multiple, square=False):
-    """Pad ``x [B, C, H, W]`` at the bottom/right to multiples of ``multiple`` (and to a square if asked).
-
-    Reflection where the pad is smaller than the side, replication otherwise (reflection cannot pad a
-    side by more than its length minus one).
-    """
-    h, w = x.shape[-2:]
-    th, tw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
-    if square:
-        th = tw = max(th, tw)
-    ph, pw = th - h, tw - w
-    if ph == 0 and pw == 0:
-        return x
-    mode = 'reflect' if ph < h and pw < w else 'replicate'
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
 class PeerAdapter(nn.Module):
     """Mixed in before the spandrel class: pad to the needed size, crop back, keep the final output only.
 
@@ -89,7 +72,7 @@ class PeerAdapter(nn.Module):
 
     def forward(self, x):
         h, w = x.shape[-2:]
-        out = super().forward(pad_for(x, self.required_multiple(), self.pad_square))
+        out = super().forward(pad_to_multiple(x, self.required_multiple(), square=self.pad_square))
         if isinstance(out, (list, tuple)):  # MPRNet: [stage 3, stage 2, stage 1]
             out = out[0]
         return out[..., :h, :w]

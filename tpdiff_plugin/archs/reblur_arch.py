@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from tpdiff_plugin.archs.arch_util import zero_init_
+from tpdiff_plugin.archs.arch_util import pad_to_multiple, zero_init_
 
 
 def _double_conv(cin, cout):
@@ -79,8 +79,7 @@ class ReblurUNet(nn.Module):
 
     def forward(self, x):
         h, w = x.shape[-2:]
-        pad_h, pad_w = (-h) % self.factor, (-w) % self.factor
-        feat = F.pad(x, (0, pad_w, 0, pad_h), mode='replicate') if pad_h or pad_w else x
+        feat = pad_to_multiple(x, self.factor, mode='replicate')
         skips = []
         for i, enc in enumerate(self.encoders):
             feat = enc(feat)

@@ -10,12 +10,14 @@ Shapes: ``TMFFN(x [B, C, H, W], z [B, prior_ch, H, W] or None) -> [B, C, H, W]``
 where hidden is large, affordable). Its last layer starts small so the block starts near a plain GDFN
 while every prior parameter still gets gradient. ``use_prior=False`` gives the plain GDFN (z ignored).
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpdiff_plugin.archs.arch_util import small_init_
+
 
 class TMFFN(nn.Module):
+    """Texture-modulated GDFN: ``(x [B, dim, H, W], z [B, prior_ch, H, W] or None) -> [B, dim, H, W]``."""
 
     def __init__(self, dim, ffn_expansion_factor=2.66, bias=False, prior_ch=64, use_prior=True, prior_hidden=16):
         super().__init__()
@@ -28,9 +30,7 @@ class TMFFN(nn.Module):
         if use_prior:
             self.prior_convs = nn.Sequential(nn.Conv2d(prior_ch, prior_hidden, 1), nn.GELU(),
                                              nn.Conv2d(prior_hidden, hidden * 2, 1))
-            with torch.no_grad():
-                self.prior_convs[-1].weight.mul_(0.1)
-                self.prior_convs[-1].bias.zero_()
+            small_init_(self.prior_convs[-1])
         else:
             self.prior_convs = None
 

@@ -34,24 +34,10 @@ reflection to a multiple of s); ``write(sharp [B', in_ch, H', W']) -> [mem_slots
 import math
 
 import torch
-import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-
-def pad_to_multiple(x, multiple, mode='reflect'):
-    """Pad ``x [..., H, W]`` at the bottom/right up to multiples of ``multiple``.
-
-    Reflection needs the pad to be smaller than the side; tiny inputs fall back to replication.
-    Returns the padded tensor; crop with ``[..., :H, :W]``.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x
-    if mode == 'reflect' and (ph >= h or pw >= w):
-        mode = 'replicate'
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
+from tpdiff_plugin.archs.arch_util import pad_to_multiple
 
 
 class TokenEncoder(nn.Module):
@@ -90,8 +76,9 @@ class TexturePriorEncoder(nn.Module):
         self.prior_scale = prior_scale
         self.mem_slots = mem_slots
         self.mem_ema_decay = mem_ema_decay
-        self.enc_blur = TokenEncoder(in_ch, enc_ch, prior_ch, prior_scale)
-        self.enc_sharp = TokenEncoder(in_ch, enc_ch, prior_ch, prior_scale)
+        encoder = dict(in_ch=in_ch, enc_ch=enc_ch, prior_ch=prior_ch, prior_scale=prior_scale)
+        self.enc_blur = TokenEncoder(**encoder)
+        self.enc_sharp = TokenEncoder(**encoder)
         self.memory = nn.Parameter(torch.randn(mem_slots, prior_ch) * mem_init_std)
         self.register_buffer('memory_ema', self.memory.detach().clone())
         self.register_buffer('memory_ema_updates', torch.zeros((), dtype=torch.long))

@@ -34,11 +34,10 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tpdiff_plugin.archs.arch_util import icnr_, zero_init_
+from tpdiff_plugin.archs.arch_util import icnr_, pad_to_multiple, zero_init_
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
-from tpdiff_plugin.archs.fm_msa import DEFORM_IMPLS, FMMSA, PriorDeformFilter
+from tpdiff_plugin.archs.fm_msa import FMMSA, PriorDeformFilter, check_deform_impl
 from tpdiff_plugin.archs.tm_ffn import TMFFN
-from tpdiff_plugin.archs.tpe_arch import pad_to_multiple
 
 
 class LayerNorm2d(nn.Module):
@@ -67,10 +66,12 @@ class TTformerBlock(nn.Module):
         super().__init__()
         self.use_prior = use_prior
         self.norm1 = LayerNorm2d(dim)
-        self.attn = FMMSA(dim, num_heads, bias, prior_ch, use_filter=fm_msa and use_prior, filter_kernel=filter_kernel,
-                          offset_groups=offset_groups, prior_hidden=prior_hidden, deform_impl=deform_impl)
+        self.attn = FMMSA(dim, num_heads, bias=bias, prior_ch=prior_ch, use_filter=fm_msa and use_prior,
+                          filter_kernel=filter_kernel, offset_groups=offset_groups, prior_hidden=prior_hidden,
+                          deform_impl=deform_impl)
         self.norm2 = LayerNorm2d(dim)
-        self.ffn = TMFFN(dim, ffn_expansion_factor, bias, prior_ch, use_prior=use_prior, prior_hidden=prior_hidden)
+        self.ffn = TMFFN(dim, ffn_expansion_factor=ffn_expansion_factor, bias=bias, prior_ch=prior_ch,
+                         use_prior=use_prior, prior_hidden=prior_hidden)
 
     def forward(self, x, z=None):
         x = x + self.attn(self.norm1(x), z)
@@ -135,8 +136,8 @@ def resize_prior(z, size):
 class TPDiffNet(nn.Module):
     """TP-Diff deblurring network: DM (``self.dm``) + TTformer U-Net.
 
-    ``forward(lq [B, inp_channels, H, W], prior=None, prior_target=None, detach_prior=False,
-    return_prior=False, generator=None, noise=None) -> out [B, out_channels, H, W]`` (or ``(out, prior_used)``).
+    ``forward(lq [B, in_ch, H, W], prior=None, prior_target=None, detach_prior=False,
+    return_prior=False, generator=None, noise=None) -> out [B, out_ch, H, W]`` (or ``(out, prior_used)``).
 
     - ``prior`` given: used as is (DM bypassed). Else with ``use_dm``: ``ẑ = dm(padded lq, z_target=prior_target)``
       (the training path when ``prior_target`` is given, sampling from N(0, I) otherwise; ``generator``
@@ -146,39 +147,39 @@ class TPDiffNet(nn.Module):
       the returned prior is NOT detached, so an L1 diffusion loss on it still trains the DM.
     - Prior shapes for callers: ``[B, prior_ch, ceil(H/s), ceil(W/s)]``.
 
-    Args beyond Restormer's: prior_ch / prior_scale (the TPE's C and s), filter_kernel (k of FM-MSA's
-    deformable filter), offset_groups, prior_hidden (width of the Convs(z) in each block), fm_msa,
-    multi_scale_prior, use_dm, dm_feats / dm_blocks / dm_cond_blocks / dm_timesteps /
-    dm_beta_start / dm_beta_end (PriorDiffusion's), deform_impl ('auto', 'torchvision',
-    'grid_sample'), grad_checkpoint (recompute block activations in backward to save training memory:
-    measured on CPU, one forward+backward at 96 px keeps ~1.3 GiB per image without it), identity_init
-    (zero the output conv, so an untrained net returns its input exactly: ``out = lq + 0``; default on,
-    see ``arch_util.zero_init_``), icnr_init (the pixel-shuffle upsamplers start checkerboard-free, see
-    ``Upsample``; default on).
+    Args: in_ch / out_ch (Restormer's inp_channels / out_channels; equal, the output is lq + residual); dim,
+    num_blocks, num_refinement_blocks, heads, ffn_expansion_factor and bias as Restormer's. Beyond Restormer's:
+    prior_ch / prior_scale (the TPE's C and s), filter_kernel (k of FM-MSA's deformable filter), offset_groups,
+    prior_hidden (width of the Convs(z) in each block), fm_msa, multi_scale_prior, use_dm, dm_feats / dm_blocks /
+    dm_cond_blocks / dm_timesteps / dm_beta_start / dm_beta_end (PriorDiffusion's feat_ch / num_blocks /
+    num_cond_blocks / timesteps / beta_start / beta_end), deform_impl ('auto', 'torchvision', 'grid_sample'),
+    grad_checkpoint (recompute block activations in backward to save training memory: measured on CPU, one
+    forward+backward at 96 px keeps ~1.3 GiB per image without it), identity_init (zero the output conv, so an
+    untrained net returns its input exactly: ``out = lq + 0``; default on, see ``arch_util.zero_init_``),
+    icnr_init (the pixel-shuffle upsamplers start checkerboard-free, see ``Upsample``; default on).
     """
 
-    def __init__(self, inp_channels=3, out_channels=3, dim=30, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
+    def __init__(self, in_ch=3, out_ch=3, dim=30, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
                  heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False, prior_ch=64, prior_scale=4,
                  filter_kernel=3, fm_msa=True, multi_scale_prior=True, use_dm=True, dm_feats=64, dm_blocks=5,
                  dm_timesteps=8, deform_impl='auto', offset_groups=1, prior_hidden=16, dm_cond_blocks=2,
                  dm_beta_start=0.1, dm_beta_end=0.99, grad_checkpoint=False, identity_init=True,
                  icnr_init=True):
         super().__init__()
-        if deform_impl not in DEFORM_IMPLS:
-            raise ValueError(f'deform_impl must be one of {DEFORM_IMPLS}, got {deform_impl!r}')
+        check_deform_impl(deform_impl)
         if dim % 2:
             raise ValueError(f'dim must be even (pixel-unshuffle halves it before doubling), got {dim}')
-        if out_channels != inp_channels:
-            raise ValueError(f'out_channels ({out_channels}) must equal inp_channels ({inp_channels}): '
-                             'the output is lq + residual')
+        if out_ch != in_ch:
+            raise ValueError(f'out_ch ({out_ch}) must equal in_ch ({in_ch}): the output is lq + residual')
         if len(num_blocks) != 4 or len(heads) != 4:
             raise ValueError('num_blocks and heads must have 4 entries (one per U-Net level)')
         self.prior_ch = prior_ch
         self.prior_scale = prior_scale
         self.multi_scale_prior = multi_scale_prior
         self.pad_multiple = 8 * prior_scale // math.gcd(8, prior_scale)
-        self.dm = PriorDiffusion(inp_channels, prior_ch, prior_scale, dm_feats, dm_blocks, dm_timesteps,
-                                 dm_beta_start, dm_beta_end, dm_cond_blocks) if use_dm else None
+        self.dm = PriorDiffusion(in_ch=in_ch, prior_ch=prior_ch, prior_scale=prior_scale, feat_ch=dm_feats,
+                                 num_blocks=dm_blocks, timesteps=dm_timesteps, beta_start=dm_beta_start,
+                                 beta_end=dm_beta_end, num_cond_blocks=dm_cond_blocks) if use_dm else None
 
         common = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, prior_ch=prior_ch, fm_msa=fm_msa,
                       filter_kernel=filter_kernel, offset_groups=offset_groups, prior_hidden=prior_hidden,
@@ -188,7 +189,7 @@ class TPDiffNet(nn.Module):
             return TTformerLevel(n, grad_checkpoint=grad_checkpoint, dim=d, num_heads=h,
                                  use_prior=multi_scale_prior or full_res, **common)
 
-        self.patch_embed = nn.Conv2d(inp_channels, dim, 3, padding=1, bias=bias)
+        self.patch_embed = nn.Conv2d(in_ch, dim, 3, padding=1, bias=bias)
         self.encoder_level1 = level(num_blocks[0], dim, heads[0], True)
         self.down1_2 = Downsample(dim)
         self.encoder_level2 = level(num_blocks[1], dim * 2, heads[1], False)
@@ -205,14 +206,13 @@ class TPDiffNet(nn.Module):
         self.up2_1 = Upsample(dim * 2, icnr_init)
         self.decoder_level1 = level(num_blocks[0], dim * 2, heads[0], True)
         self.refinement = level(num_refinement_blocks, dim * 2, heads[0], True)
-        self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
+        self.output = nn.Conv2d(dim * 2, out_ch, 3, padding=1, bias=bias)
         if identity_init:
             zero_init_(self.output)
 
     def set_deform_impl(self, impl):
         """Switch every FM-MSA filter to ``impl`` ('auto', 'torchvision', 'grid_sample'); weights are unaffected."""
-        if impl not in DEFORM_IMPLS:
-            raise ValueError(f'deform_impl must be one of {DEFORM_IMPLS}, got {impl!r}')
+        check_deform_impl(impl)
         for m in self.modules():
             if isinstance(m, PriorDeformFilter):
                 m.deform_impl = impl

@@ -280,7 +280,7 @@ def run_restorer(label, entry, dataset, device, seed, protocol_opt, crop_boxes, 
 
     import torch
 
-    from tpdiff_plugin.archs.peers_arch import pad_for
+    from tpdiff_plugin.archs.arch_util import pad_to_multiple
     from tpdiff_plugin.inference import Deblurrer, build_restorer, load_weights
     net = build_restorer(entry['network'], source=source, key=f'restorers.{label}.network')
     params = sum(p.numel() for p in net.parameters())
@@ -296,7 +296,7 @@ def run_restorer(label, entry, dataset, device, seed, protocol_opt, crop_boxes, 
 
     def restore(lq):
         h, w = lq.shape[-2:]
-        return deblur(pad_for(lq, multiple))[..., :h, :w] if multiple > 1 else deblur(lq)
+        return deblur(pad_to_multiple(lq, multiple))[..., :h, :w] if multiple > 1 else deblur(lq)
 
     def sync():
         if deblur.device.type == 'cuda':
