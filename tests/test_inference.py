@@ -7,19 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 from tpdiff_plugin.inference import (Deblurrer, axis_windows, build_restorer, check_tiling, load_weights, run_tiled,
                                      tile_starts)
 from tpdiff_plugin.utils.errors import UserError
 
-TINY = dict(dim=4, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 1, 1), prior_ch=8, prior_hidden=8,
-            ffn_expansion_factor=2.0, dm_feats=8, dm_blocks=1, dm_cond_blocks=1, dm_timesteps=4,
-            identity_init=False)  # random output conv: the network changes the image, so the tests can see it
-
 
 def _tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    return TPDiffNet(**{**TINY, **kw}).eval()
+    return tiny_net(seed, **kw).eval()
 
 
 def _psnr(a, b):
@@ -194,7 +190,7 @@ def test_from_checkpoint_prefers_params_ema_and_strips_ddp_prefixes(tmp_path):
     x = torch.rand(1, 3, 24, 24)
     ckpt = tmp_path / 'net_g_10.pth'
     torch.save({'params': a.state_dict(), 'params_ema': {f'module.{k}': v for k, v in b.state_dict().items()}}, ckpt)
-    opt = {'network_g': {'type': 'TPDiffNet', **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}}
+    opt = {'network_g': tiny_net_opts()}
     d = Deblurrer.from_checkpoint(ckpt, opt=opt, seed=0)
     torch.testing.assert_close(d(x), Deblurrer(b, seed=0)(x), rtol=0, atol=0)
     d = Deblurrer.from_checkpoint(ckpt, opt=opt, seed=0, param_key='params')

@@ -4,19 +4,17 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_net
 from tpdiff_plugin.archs.fm_msa import PriorDeformFilter
 from tpdiff_plugin.archs.ttformer_arch import LayerNorm2d, TPDiffNet, TTformerBlock, resize_prior
 
-
-
-TINY = dict(dim=4, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 2, 2), prior_ch=6,
-            prior_hidden=4, dm_feats=8, dm_blocks=1, dm_cond_blocks=1, dm_timesteps=3)
+# two heads at the coarse levels; prior_ch 6 and T = 3 are what the shapes and counts below spell out
+TINY = dict(heads=[1, 1, 2, 2], prior_ch=6, dm_timesteps=3)
 
 
 def _net(**kw):
     """A tiny net; identity_init off unless asked for, so that outputs depend on the weights."""
-    torch.manual_seed(0)
-    return TPDiffNet(**{**TINY, 'identity_init': False, **kw})
+    return tiny_net(**{**TINY, **kw})
 
 
 def _n(m):
@@ -132,8 +130,7 @@ def _assert_all_grads(module, skip=()):
 @pytest.mark.parametrize('use_dm', [True, False])
 def test_untrained_net_returns_its_input_exactly(use_dm):
     """identity_init (the default): the output conv starts at zero, so out = lq + 0 for any prior."""
-    torch.manual_seed(0)
-    net = TPDiffNet(**TINY, use_dm=use_dm)
+    net = _net(identity_init=True, use_dm=use_dm)
     lq = torch.rand(2, 3, 37, 30)
     assert torch.equal(net(lq), lq)
     assert torch.equal(net(lq, prior=torch.randn(*net.prior_shape(lq))), lq)
@@ -235,7 +232,7 @@ def test_paper_structure_at_defaults():
 
 def test_grad_checkpoint_gives_the_same_output_and_gradients():
     x = torch.rand(2, 3, 32, 40)
-    z = torch.randn(2, TINY.get('prior_ch', 64), 8, 10)
+    z = torch.randn(2, TINY['prior_ch'], 8, 10)
     results = []
     for flag in (False, True):
         net = _net(grad_checkpoint=flag)

@@ -9,15 +9,13 @@ import torch
 import yaml
 from basicsr.metrics import calculate_psnr, calculate_ssim
 
-from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.tools.compare import crop_box, realblur_metrics
 from tpdiff_plugin.utils.measure import PeakMemory
 
-TINY_G = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
-              prior_ch=8, prior_hidden=8, ffn_expansion_factor=2.0, dm_feats=8, dm_blocks=1, dm_cond_blocks=1,
-              dm_timesteps=4, identity_init=False)  # random output conv, so that the network changes images
+TINY_G = tiny_net_opts()  # random output conv, so that the network changes images
 TINY_NAF = dict(type='PeerNAFNet', width=8, enc_blk_nums=[1, 1], middle_blk_num=1, dec_blk_nums=[1, 1])
 
 
@@ -38,8 +36,7 @@ def _pairs(root, n=3, size=(44, 60)):
 @pytest.fixture
 def workspace(tmp_path):
     data = _pairs(tmp_path / 'pairs')
-    torch.manual_seed(0)
-    identity = TPDiffNet(**{k: v for k, v in TINY_G.items() if k != 'type'})
+    identity = tiny_net()
     with torch.no_grad():
         identity.output.weight.zero_()  # residual 0: output = input, a restorer with known metrics
     weights = tmp_path / 'identity.pth'
@@ -93,7 +90,7 @@ def test_compare_table_csv_and_crops(workspace, capsys):
     assert rows['tpdiff-identity']['weights'].endswith('identity.pth')
     assert rows['nafnet-tiny']['weights'] == 'random init'
     # params, MACs, speed and memory columns
-    n_params = sum(p.numel() for p in TPDiffNet(**{k: v for k, v in TINY_G.items() if k != 'type'}).parameters())
+    n_params = sum(p.numel() for p in tiny_net().parameters())
     assert int(rows['tpdiff-identity']['params']) == n_params
     for label in ('tpdiff-identity', 'tpdiff-random', 'nafnet-tiny'):
         r = rows[label]
@@ -166,8 +163,7 @@ def test_bad_options_are_one_line_errors(workspace, capsys, edit, match):
 def test_network_can_name_a_training_options_file(tmp_path):
     from tpdiff_plugin.tools.compare import load_compare_options
     train_opt = tmp_path / 'train.yml'
-    block = {'type': 'TPDiffNet', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
-             'heads': [1, 1, 1, 1], 'prior_ch': 8, 'dm_feats': 8, 'dm_blocks': 1}
+    block = tiny_net_opts()
     train_opt.write_text(yaml.safe_dump({'name': 'x', 'model_type': 'TPDiffModel', 'network_g': block}))
     (tmp_path / 'gt').mkdir()
     (tmp_path / 'lq').mkdir()

@@ -5,21 +5,17 @@ import pytest
 import torch
 import yaml
 
-from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.inference import Deblurrer
 
-TINY_G = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
-              prior_ch=8, prior_hidden=8, ffn_expansion_factor=2.0, dm_feats=8, dm_blocks=1, dm_cond_blocks=1,
-              dm_timesteps=4, identity_init=False)  # random output conv, so that the network changes images
+TINY_G = tiny_net_opts()  # random output conv, so that the network changes images
 
 
 @pytest.fixture
 def setup(tmp_path):
     """A tiny trained-looking checkpoint (params + params_ema), its options file and a folder of inputs."""
-    torch.manual_seed(0)
-    kwargs = {k: v for k, v in TINY_G.items() if k != 'type'}
-    net, ema = TPDiffNet(**kwargs), TPDiffNet(**kwargs)
+    net, ema = tiny_net(seed=0), tiny_net(seed=1)
     weights = tmp_path / 'net_g_100.pth'
     torch.save({'params': net.state_dict(), 'params_ema': ema.state_dict()}, weights)
     opt = tmp_path / 'opt.yml'

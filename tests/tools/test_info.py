@@ -6,10 +6,10 @@ import pytest
 import yaml
 from basicsr.archs import build_network
 
+from conftest import tiny_net_opts
 from tpdiff_plugin.cli import tpdiff_main
 
-TINY_G = dict(type='TPDiffNet', dim=4, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 2, 2],
-              prior_ch=6, prior_hidden=4, dm_feats=8, dm_blocks=1, dm_timesteps=2, deform_impl='grid_sample')
+TINY_G = tiny_net_opts(prior_ch=6, deform_impl='grid_sample')  # the TPE's prior_ch
 OPTIONS = {
     'name': 'info_test',
     'model_type': 'TPDiffModel',
