@@ -33,6 +33,8 @@ import types
 import warnings
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from tpdiff_plugin.utils import checkpoint, resume
 
@@ -59,7 +61,6 @@ def _mend_functional_tensor():
 
 def _init_dist_pytorch(backend='nccl', **kwargs):
     """Mend 3: upstream's launcher-pytorch init, with gloo and no ``set_device`` on CPU."""
-    import torch.distributed as dist
     rank = int(os.environ['RANK'])
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -70,7 +71,6 @@ def _init_dist_pytorch(backend='nccl', **kwargs):
 
 def model_to_device(self, net):
     """Mend 4: upstream ``BaseModel.model_to_device`` with ``device_ids=None`` for CPU models."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
     net = net.to(self.device)
     if self.opt['dist']:
         find_unused_parameters = self.opt.get('find_unused_parameters', False)
@@ -136,6 +136,7 @@ def apply():
         return
     _mend_functional_tensor()
 
+    # imported only now: importing basicsr needs mend 1 in place
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
     from basicsr.data.data_sampler import EnlargedSampler

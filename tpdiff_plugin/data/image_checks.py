@@ -22,7 +22,10 @@ import os
 import re
 
 import cv2
+import lmdb
 import numpy as np
+from basicsr.utils import imfrombytes
+from PIL import Image
 
 from tpdiff_plugin.utils.errors import UserError
 
@@ -79,7 +82,6 @@ def to_bgr8(img, name):
 
 def decode_bgr8(content, name):
     """Decode image bytes (a file's or an LMDB value) and apply :func:`to_bgr8`."""
-    from basicsr.utils import imfrombytes
     if content is None:
         raise UserError(f'{name}: no such key or file')
     if len(content) == 0:
@@ -117,7 +119,6 @@ def image_size(path):
     Also refuses, at this point, files whose alpha channel has transparent pixels (decoding only the
     files that have an alpha channel at all).
     """
-    from PIL import Image
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -156,7 +157,6 @@ def read_meta_info(lmdb_path, what):
 
 def lmdb_keys(lmdb_path):
     """All keys stored in an LMDB (decoded as ASCII), without reading the values."""
-    import lmdb
     env = lmdb.open(lmdb_path, readonly=True, lock=False, readahead=False)
     try:
         with env.begin(write=False) as txn:
@@ -182,7 +182,6 @@ def check_lmdb_complete(path, option):
     if size < 2 * 4096:
         raise UserError(f'{option}: {data} is truncated ({size} bytes, less than its two header pages); '
                         'rebuild or re-copy the LMDB')
-    import lmdb
     try:
         env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True)
     except lmdb.Error as e:
@@ -203,7 +202,6 @@ def check_lmdb(lmdb_path, what):
     or ``meta_info.txt``, an empty LMDB, duplicate meta_info keys, and a meta_info.txt whose keys
     disagree with the keys stored in the LMDB.
     """
-    import lmdb
     if not os.path.exists(lmdb_path):
         raise UserError(f'{what}: LMDB not found: {lmdb_path} (build it with `tpdiff make-lmdb`, or '
                         '`tpdiff make-demo` for the demo set)')
@@ -236,7 +234,6 @@ def check_lmdb(lmdb_path, what):
 
 def read_lmdb_value(lmdb_path, key):
     """One raw value of an LMDB (bytes or None), opening and closing the environment."""
-    import lmdb
     env = lmdb.open(lmdb_path, readonly=True, lock=False, readahead=False)
     try:
         with env.begin(write=False) as txn:
@@ -255,7 +252,6 @@ def verify_lmdb(lmdb_path, expected_shapes):
     Raises:
         UserError: naming the first disagreement.
     """
-    import lmdb
     entries = check_lmdb(lmdb_path, 'make-lmdb verification')
     meta = dict(entries)
     if len(meta) != len(expected_shapes) or set(meta) != set(expected_shapes):

@@ -30,6 +30,7 @@ def apply_force_yml(opt, entries, source):
 
     Like upstream, only existing keys can be set; a missing one is a UserError naming it.
     """
+    # at call time: basicsr imports only after compat's torchvision mend (the CLI reads the file before that)
     from basicsr.utils.options import _postprocess_yml_value
     for entry in entries:
         if entry.count('=') != 1:
