@@ -68,7 +68,7 @@ def test_peer_matches_upstream_and_pads_any_size(name):
 
 @needs_spandrel
 def test_published_configurations_have_the_published_sizes():
-    """Parameter counts from the papers (and notes/peers.md): Restormer 26.13M, NAFNet-GoPro 67.89M."""
+    """Parameter counts from the papers (and docs/platform.md): Restormer 26.13M, NAFNet-GoPro 67.89M."""
     for name, millions in (('Restormer', 26.13), ('NAFNet-GoPro', 67.89)):
         net = build_network(dict(PUBLISHED_CONFIGS[name]))
         assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == millions, name

@@ -21,7 +21,7 @@ Design choices the paper leaves open (each an argument):
 - ``'torchvision'``: ``torchvision.ops.deform_conv2d`` (the reference; the standard choice on CUDA);
 - ``'grid_sample'``: the same operator written with one batched ``F.grid_sample`` call over all k²
   taps followed by a grouped 1×1 conv that applies the weights. torchvision's CPU kernel is 25-100×
-  slower than an ordinary conv (notes/platform.md), and bilinear sampling measured 2.4-3.4× faster.
+  slower than an ordinary conv (docs/platform.md), and bilinear sampling measured 2.4-3.4× faster.
 - ``'auto'``: torchvision on CUDA tensors, grid_sample otherwise.
 Both use the same conventions (offset layout ``[group][tap][dy, dx]``, zero outside the image), so
 they agree to float precision in values and gradients (tests/archs/test_fm_msa.py).

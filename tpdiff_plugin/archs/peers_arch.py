@@ -46,7 +46,7 @@ PEERS = {
     'PeerUformer': ('spandrel.architectures.Uformer.__arch.Uformer', 'Uformer', 128, True),
 }
 
-# The published deblurring configurations (notes/peers.md), as network blocks for compare / bench.
+# The published deblurring configurations (docs/platform.md, "Peer restorers"), as network blocks for compare / bench.
 PUBLISHED_CONFIGS = {
     'Restormer': {'type': 'PeerRestormer'},
     'NAFNet-GoPro': {'type': 'PeerNAFNet', 'width': 64, 'enc_blk_nums': [1, 1, 1, 28], 'middle_blk_num': 1,

@@ -10,7 +10,7 @@ Band transform (``WaveletHighpass``), shapes: [B, C, H, W] -> [B, 3*C, H', W'].
   stride-2 convolution held in a non-persistent buffer (not a parameter, not in any state_dict):
   differentiable, device- and dtype-agnostic. We hand-write this ~20-line conv because the torch
   wavelet packages are either broken on current setuptools (pytorch_wavelets) or slower on CPU
-  (ptwt); see notes/platform.md.
+  (ptwt); see docs/platform.md.
 - Convention: identical to ``pywt.dwt2(x, name, mode)``. Output channel ``3*c + k`` is band ``k``
   of input channel ``c`` with k = 0: cH (pywt's 'da': high-pass along H, low-pass along W),
   k = 1: cV ('ad': low-pass along H, high-pass along W), k = 2: cD ('dd': high-pass along both).
