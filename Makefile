@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/basicsr train -opt options/demo/stage1.yml
 	$(VENV)/bin/basicsr train -opt options/demo/stage2.yml
 	$(VENV)/bin/basicsr test -opt options/test/demo.yml
-	$(PY) -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test --real datasets_lmdb/demo/real \
+	$(VENV)/bin/tpdiff report --results results/TPDiff_Demo_Test --real datasets_lmdb/demo/real \
 		--weights experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth --opt options/demo/stage2.yml
 
 bench: $(STAMP)

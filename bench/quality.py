@@ -222,7 +222,7 @@ def _batches(loader):
 def _val_images(data_root):
     """``[(key, lq [1, 3, H, W], gt uint8 BGR)]`` of the demo validation pairs."""
     import torch
-    from tpdiff_plugin.tools.demo_report import read_images
+    from tpdiff_plugin.data.image_sets import read_images
     blur = read_images(os.path.join(data_root, 'val_blur.lmdb'))
     sharp = read_images(os.path.join(data_root, 'val_sharp.lmdb'))
     out = []

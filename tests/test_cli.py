@@ -1,5 +1,6 @@
 """The `basicsr` and `tpdiff` console scripts: help, dispatch and one-line errors on bad input."""
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,15 @@ def test_tpdiff_help_lists_tools(cli_runner, tmp_path):
     assert res.returncode == 0, res.stderr
     for module in cli._load_tools():
         assert module.COMMAND in res.stdout
-    assert 'make-lmdb' in res.stdout and 'make-demo' in res.stdout
+    assert 'make-lmdb' in res.stdout and 'make-demo' in res.stdout and 'report' in res.stdout
+
+
+def test_tools_holds_only_subcommands():
+    """Every module of tools/ is a `tpdiff` sub-command; libraries live in utils/ or data/."""
+    names = sorted(p.stem for p in (Path(cli.__file__).parent / 'tools').glob('*.py') if p.stem != '__init__')
+    assert names == sorted(cli.TOOL_MODULES)
+    for tool in cli._load_tools():
+        assert all(hasattr(tool, name) for name in ('COMMAND', 'HELP', 'add_arguments', 'run')), tool.__name__
 
 
 def test_basicsr_help_and_unknown_command(cli_runner, tmp_path):

@@ -6,7 +6,6 @@ The demo options are used as shipped, shortened with upstream's --force_yml.
 """
 import re
 import shutil
-import sys
 
 import pytest
 import torch
@@ -82,7 +81,7 @@ def test_both_stages_resume_distribute_and_test(workspace, cli_runner):
     assert r.returncode == 0, r.stderr[-3000:]
     out = sorted((root / 'results' / 'TPDiff_Demo_Test' / 'visualization').rglob('*.png'))
     assert len(out) == 4
-    r = cli_runner([sys.executable, '-m', 'tpdiff_plugin.tools.demo_report',
+    r = cli_runner(['tpdiff', 'report',
                     '--results', 'results/TPDiff_Demo_Test'], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'PSNR' in r.stdout and list((root / 'results').glob('*grid*.png'))

@@ -6,8 +6,8 @@
 apply. Experiments, results and tb_logger folders are created under the current directory.
 
 ``tpdiff <tool>`` runs the plugin's own tools. Each tool is a module in ``tpdiff_plugin.tools``
-defining ``COMMAND`` (its name), ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``;
-heavy imports stay inside ``run`` so that ``tpdiff --help`` is quick.
+defining ``COMMAND`` (its name), ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``,
+which raises :class:`UserError` for bad input: ``tpdiff`` prints it as one line ``error: ...``, exit 2.
 """
 import argparse
 import importlib
@@ -17,7 +17,7 @@ import sys
 from tpdiff_plugin.utils.errors import UserError
 
 # Modules under tpdiff_plugin.tools that provide a `tpdiff` sub-command, in --help order.
-TOOL_MODULES = ['make_lmdb', 'make_demo', 'info', 'deblur', 'compare']
+TOOL_MODULES = ['make_lmdb', 'make_demo', 'info', 'deblur', 'compare', 'report']
 
 
 def _fail(message, code=2):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tpdiff_plugin.tools.blur_kernels import random_shake_kernel, rasterise, shake_trajectory
+from tpdiff_plugin.data.blur_kernels import random_shake_kernel, rasterise, shake_trajectory
 
 SIZES = list(range(7, 26, 2)) + [8, 24]
 

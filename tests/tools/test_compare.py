@@ -12,7 +12,8 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.tools.compare import crop_box, realblur_metrics
+from tpdiff_plugin.tools.compare import crop_box
+from tpdiff_plugin.utils.image_metrics import realblur_metrics
 from tpdiff_plugin.utils.measure import PeakMemory
 
 TINY_G = tiny_net_opts()  # random output conv, so that the network changes images

@@ -1,14 +1,12 @@
-"""demo_report: metrics table against independent formulas, the grid layout, LMDB input, and errors."""
+"""tpdiff report: metrics table against independent formulas, the grid layout, and one-line errors."""
 import math
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
-from tpdiff_plugin.tools import demo_report
+from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.utils.artifacts import periodic_artifact_db
 
 
@@ -40,7 +38,8 @@ def demo_dirs(tmp_path):
 def test_table_and_grid(demo_dirs, capsys):
     root, images = demo_dirs
     results = root / 'results' / 'TPDiff_Demo_Test'
-    code = demo_report.main(['--results', str(results), '--blur', str(root / 'blur'), '--sharp', str(root / 'sharp')])
+    code = tpdiff_main(['report', '--results', str(results), '--blur', str(root / 'blur'),
+                        '--sharp', str(root / 'sharp')])
     assert code == 0
     printed = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line and line[0].isalnum()}
@@ -65,33 +64,20 @@ def test_table_and_grid(demo_dirs, capsys):
             assert np.array_equal(grid[y:y + h, x:x + w], img), (key, col)
 
 
-def test_reads_basicsr_lmdb(demo_dirs, tmp_path):
-    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-    root, images = demo_dirs
-    keys = sorted(images)
-    for name in ('blur', 'sharp'):
-        make_lmdb_from_imgs(str(root / name), str(tmp_path / f'{name}.lmdb'), [f'{k}.png' for k in keys], keys)
-    read = demo_report.read_images(str(tmp_path / 'blur.lmdb'))
-    assert sorted(read) == keys
-    for key in keys:
-        assert np.array_equal(read[key], images[key][0])
-
-
-def test_missing_results_are_reported_not_raised(demo_dirs, tmp_path):
+def test_missing_results_are_reported_not_raised(demo_dirs, tmp_path, cli_runner):
     root, _ = demo_dirs
     empty = tmp_path / 'empty_results'
     (empty / 'visualization' / 'X').mkdir(parents=True)
-    proc = subprocess.run([sys.executable, '-m', 'tpdiff_plugin.tools.demo_report', '--results', str(empty),
-                           '--blur', str(root / 'blur'), '--sharp', str(root / 'sharp')],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli_runner(['tpdiff', 'report', '--results', str(empty), '--blur', str(root / 'blur'),
+                       '--sharp', str(root / 'sharp')], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith('error: ') and 'no result images' in proc.stderr
     assert 'Traceback' not in proc.stderr
-    code = demo_report.main(['--results', str(tmp_path / 'nope'), '--blur', str(root / 'blur'),
-                             '--sharp', str(root / 'sharp')])
+    code = tpdiff_main(['report', '--results', str(tmp_path / 'nope'), '--blur', str(root / 'blur'),
+                        '--sharp', str(root / 'sharp')])
     assert code == 2
-    code = demo_report.main(['--results', str(empty), '--blur', str(tmp_path / 'no_lmdb'),
-                             '--sharp', str(root / 'sharp')])
+    code = tpdiff_main(['report', '--results', str(empty), '--blur', str(tmp_path / 'no_lmdb'),
+                        '--sharp', str(root / 'sharp')])
     assert code == 2
 
 
@@ -100,8 +86,8 @@ def test_size_mismatch_is_an_error(demo_dirs, capsys):
     key = sorted(images)[0]
     vis = root / 'results' / 'TPDiff_Demo_Test' / 'visualization' / 'DemoVal'
     cv2.imwrite(str(vis / f'{key}_TPDiff_Demo_Test.png'), np.zeros((10, 10, 3), np.uint8))
-    code = demo_report.main(['--results', str(root / 'results' / 'TPDiff_Demo_Test'), '--blur', str(root / 'blur'),
-                             '--sharp', str(root / 'sharp')])
+    code = tpdiff_main(['report', '--results', str(root / 'results' / 'TPDiff_Demo_Test'),
+                        '--blur', str(root / 'blur'), '--sharp', str(root / 'sharp')])
     assert code == 2 and 'sizes differ' in capsys.readouterr().err
     assert os.path.isdir(vis)
 
@@ -123,10 +109,10 @@ def test_real_blur_rows_are_deblurred_and_shown_below(demo_dirs, tmp_path, capsy
     clock = np.random.default_rng(1).integers(0, 256, (30, 70, 3), dtype=np.uint8)
     cv2.imwrite(str(real / 'clock.png'), clock)
     out = tmp_path / 'grid.png'
-    args = ['--results', str(root / 'results' / 'TPDiff_Demo_Test'), '--blur', str(root / 'blur'),
+    args = ['report', '--results', str(root / 'results' / 'TPDiff_Demo_Test'), '--blur', str(root / 'blur'),
             '--sharp', str(root / 'sharp'), '--out', str(out), '--real', str(real)]
-    assert demo_report.main(args) == 2 and '--real needs --weights' in capsys.readouterr().err
-    assert demo_report.main(args + ['--weights', str(tmp_path / 'net.pth'), '--opt', str(tmp_path / 'opt.yml')]) == 0
+    assert tpdiff_main(args) == 2 and '--real needs --weights' in capsys.readouterr().err
+    assert tpdiff_main(args + ['--weights', str(tmp_path / 'net.pth'), '--opt', str(tmp_path / 'opt.yml')]) == 0
     assert 'clock (real blur, no ground truth): artifact +0.00 dB' in capsys.readouterr().out  # identity init
     grid = cv2.imread(str(out))
     gap, header, h, w = 4, 22, 40, 48

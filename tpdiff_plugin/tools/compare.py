@@ -5,29 +5,15 @@ Each restorer is an ARCH_REGISTRY ``network`` block (TP-Diff, a spandrel peer su
 run on the same pairs, one after another, and the tool prints and writes (``<output_dir>/compare.csv``)
 one row per restorer, after a row for the blurry input itself:
 
-- ``params`` and ``GMACs`` (mmengine ``FlopAnalyzer`` through ``tpdiff info``'s counter, for one image of
+- ``params`` and ``GMACs`` (mmengine ``FlopAnalyzer`` through ``utils.measure.count_macs``, for one image of
   ``macs_size``; TP-Diff's count includes all T DM steps; ops mmengine cannot count are left out);
 - ``s/MP``: wall-clock seconds per megapixel over the set, after one untimed warm-up image;
-- ``peak MiB``: the peak memory the restorer added while running the set. On CUDA,
-  ``torch.cuda.max_memory_allocated`` minus the memory allocated before. On CPU, the process's resident
-  set high-water mark (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs``) minus
-  the resident size before; freed memory is handed back to the OS first (``malloc_trim``) so that one
-  restorer's leftovers do not hide the next one's needs. (tracemalloc does not see torch's allocations.)
-  It is a process-level figure: approximate, and it includes the allocator's slack;
-- ``PSNR`` / ``SSIM`` on 8-bit RGB (outputs clipped and rounded as basicsr's ``tensor2img`` does).
-
-Protocols (``metrics.protocol``):
-
-- ``gopro`` (default): basicsr's ``calculate_psnr`` / ``calculate_ssim`` on RGB, ``crop_border: 0``, the
-  protocol of the GoPro and HIDE benchmarks;
-- ``realblur``: RealBlur's alignment-aware evaluation. RealBlur's ground truth is not pixel-aligned with
-  the blurry photo, so before measuring, the output is scaled by the least-squares gain that matches it
-  to the GT's intensities, aligned to the GT with OpenCV's ECC (``cv2.findTransformECC`` on gray images,
-  100 iterations; ``align_motion: homography`` as in RealBlur's published evaluation script, or
-  ``translation``) and warped; pixels the warp brings in from outside the image are masked out of
-  both images. PSNR is then the masked mean squared error over the valid pixels and SSIM is skimage's
-  Gaussian-window SSIM map averaged over the valid pixels (excluding a 5-pixel border, the window's
-  radius), per channel, then over channels.
+- ``peak MiB``: the peak memory the restorer added while running the set (``utils.measure.PeakMemory``:
+  CUDA's max allocated, or on CPU the process's resident-set high-water mark; approximate);
+- ``PSNR`` / ``SSIM`` on 8-bit RGB (outputs clipped and rounded as basicsr's ``tensor2img`` does), under
+  ``metrics.protocol``: ``gopro`` (default; basicsr's metrics, ``crop_border: 0``, as GoPro and HIDE) or
+  ``realblur`` (RealBlur's alignment-aware evaluation, ``align_motion: homography`` or ``translation``);
+  see ``utils/image_metrics.py``.
 
 Peers are padded to their size multiple and cropped back by their adapters (``PeerAdapter``), TP-Diff pads
 itself; any other network can be given ``size_multiple: N`` in its restorer entry. A restorer entry may
@@ -55,15 +41,27 @@ Options file (see ``options/compare/demo.yml``)::
       <label>: {network: {type: ..., ...}, weights: ~, param_key: ~, tile: ~, size_multiple: ~}
 """
 import copy
+import csv
+import logging
 import os
+import time
 
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from basicsr.utils import tensor2img
+from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY
+
+from tpdiff_plugin.archs.arch_util import pad_to_multiple
+from tpdiff_plugin.inference import Deblurrer, build_restorer, load_weights
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.image_metrics import ALIGN_MOTIONS, PROTOCOLS, psnr_ssim
 from tpdiff_plugin.utils.measure import PeakMemory, count_macs, parse_size
 from tpdiff_plugin.utils.option_files import load_options_file
 
 COMMAND = 'compare'
 HELP = 'Compare restorers (TP-Diff and peers) on one paired test set: params, MACs, speed, memory, PSNR/SSIM.'
-PROTOCOLS = ('gopro', 'realblur')
 CSV_COLUMNS = ('restorer', 'network', 'params', 'gmacs', 'macs_size', 'sec_per_mp', 'peak_mib', 'psnr', 'ssim',
                'images', 'weights')
 
@@ -72,75 +70,6 @@ def add_arguments(parser):
     parser.add_argument('-opt', required=True, metavar='COMPARE.yml', help='comparison options file')
     parser.add_argument('--device', default=None, choices=('auto', 'cpu', 'cuda'), help='overrides "device"')
     parser.add_argument('--output-dir', default=None, help='overrides "output_dir"')
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-def realblur_align(output, gt, motion='homography', iterations=100):
-    """RealBlur-style alignment of ``output`` to ``gt`` (float HxWx3 RGB in [0, 1]).
-
-    Returns ``(output_aligned, gt_masked, mask)``; ``mask`` (HxWx3, 0/1) marks the pixels the warp keeps.
-    Written here because no library ships this evaluation step: an intensity-matching gain, an ECC fit of
-    ``motion`` ('homography' or 'translation'), a warp of the output into the GT's frame and a mask of the
-    pixels that came from inside the output.
-    """
-    import cv2
-    import numpy as np
-    output = output.astype(np.float32)
-    gt = gt.astype(np.float32)
-    gain = float((gt * output).sum() / max(float((output * output).sum()), 1e-12))
-    scaled = output * gain
-    h, w = gt.shape[:2]
-    if motion == 'homography':
-        mode, warp = cv2.MOTION_HOMOGRAPHY, np.eye(3, dtype=np.float32)
-    elif motion == 'translation':
-        mode, warp = cv2.MOTION_TRANSLATION, np.eye(2, 3, dtype=np.float32)
-    else:
-        raise UserError(f'metrics.align_motion: expected "homography" or "translation", got {motion!r}')
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, 0)
-    try:
-        _, warp = cv2.findTransformECC(cv2.cvtColor(gt, cv2.COLOR_RGB2GRAY), cv2.cvtColor(scaled, cv2.COLOR_RGB2GRAY),
-                                       warp, mode, criteria, None, 5)
-    except cv2.error:  # ECC did not converge (e.g. a flat image): measure unaligned
-        warp = np.eye(3, dtype=np.float32) if mode == cv2.MOTION_HOMOGRAPHY else np.eye(2, 3, dtype=np.float32)
-    flags = cv2.WARP_INVERSE_MAP
-    if mode == cv2.MOTION_HOMOGRAPHY:
-        aligned = cv2.warpPerspective(scaled, warp, (w, h), flags=cv2.INTER_CUBIC + flags,
-                                      borderMode=cv2.BORDER_REFLECT)
-        mask = cv2.warpPerspective(np.ones_like(scaled), warp, (w, h), flags=cv2.INTER_NEAREST + flags,
-                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    else:
-        aligned = cv2.warpAffine(scaled, warp, (w, h), flags=cv2.INTER_CUBIC + flags, borderMode=cv2.BORDER_REFLECT)
-        mask = cv2.warpAffine(np.ones_like(scaled), warp, (w, h), flags=cv2.INTER_NEAREST + flags,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return aligned * mask, gt * mask, mask
-
-
-def realblur_metrics(output, gt, motion='homography'):
-    """``(psnr, ssim)`` of RealBlur's alignment-aware protocol for float HxWx3 RGB images in [0, 1]."""
-    import numpy as np
-    from skimage.metrics import structural_similarity
-    out_m, gt_m, mask = realblur_align(output, gt, motion)
-    err = float(((gt_m - out_m) ** 2).sum(dtype=np.float64) / max(float(mask.sum()), 1.0))
-    psnr = float('inf') if err == 0 else 10 * np.log10(1.0 / err)
-    _, smap = structural_similarity(gt_m, out_m, channel_axis=2, gaussian_weights=True, use_sample_covariance=False,
-                                    data_range=1.0, full=True)
-    pad = int(3.5 * 1.5 + 0.5)  # radius of skimage's Gaussian window (sigma 1.5, truncated at 3.5 sigma)
-    smap, m = (smap * mask)[pad:-pad, pad:-pad], mask[pad:-pad, pad:-pad]
-    ssim = float(np.mean(smap.sum(axis=(0, 1)) / np.maximum(m.sum(axis=(0, 1)), 1.0)))
-    return float(psnr), ssim
-
-
-def measure(output, gt, protocol, crop_border=0, align_motion='homography'):
-    """PSNR / SSIM of two ``[1, 3, H, W]`` tensors in [0, 1] under ``protocol`` (8-bit RGB)."""
-    import numpy as np
-    from basicsr.metrics import calculate_psnr, calculate_ssim
-    from basicsr.utils import tensor2img
-    out8 = tensor2img(output, rgb2bgr=False)  # uint8 HxWx3 RGB, clipped and rounded
-    gt8 = tensor2img(gt, rgb2bgr=False)
-    if protocol == 'gopro':
-        return (float(calculate_psnr(out8, gt8, crop_border, test_y_channel=False)),
-                float(calculate_ssim(out8, gt8, crop_border, test_y_channel=False)))
-    return realblur_metrics(out8.astype(np.float32) / 255, gt8.astype(np.float32) / 255, align_motion)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -162,12 +91,10 @@ def load_compare_options(path):
     protocol = metrics.setdefault('protocol', 'gopro')
     if protocol not in PROTOCOLS:
         raise UserError(f'{path}: metrics.protocol must be one of {", ".join(PROTOCOLS)}, got {protocol!r}')
-    if metrics.setdefault('align_motion', 'homography') not in ('homography', 'translation'):
+    if metrics.setdefault('align_motion', 'homography') not in ALIGN_MOTIONS:
         raise UserError(f'{path}: metrics.align_motion must be homography or translation, '
                         f'got {metrics["align_motion"]!r}')
     opt['macs_size'] = parse_size(opt['macs_size']) if opt.get('macs_size') else None
-    import tpdiff_plugin  # noqa: F401  (registers the networks, peers included)
-    from basicsr.utils.registry import ARCH_REGISTRY
     for label, entry in opt['restorers'].items():
         if isinstance(entry, dict) and isinstance(entry.get('network'), str):
             # `network: options/X.yml` takes that training file's network_g block, so the two cannot drift apart
@@ -192,8 +119,6 @@ def load_compare_options(path):
 
 
 def build_dataset(path, dataset_opt):
-    import tpdiff_plugin  # noqa: F401
-    from basicsr.utils.registry import DATASET_REGISTRY
     dopt = copy.deepcopy(dataset_opt)
     dopt.setdefault('type', 'PairedImageDataset')
     dopt.setdefault('name', 'compare')
@@ -214,7 +139,6 @@ def build_dataset(path, dataset_opt):
 # ---------------------------------------------------------------------------------------------- crops
 def crop_box(gt, size):
     """``(top, left, size)``: the ``size`` square of ``gt [1, 3, H, W]`` with the most gradient energy."""
-    import torch.nn.functional as F
     h, w = gt.shape[-2:]
     size = min(size, h, w)
     g = gt.mean(1, keepdim=True)
@@ -230,8 +154,6 @@ def crop_box(gt, size):
 
 def _label(img, lines):
     """``img`` with a white strip above holding ``lines`` of text (each cut to the image width)."""
-    import cv2
-    import numpy as np
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.36
     strip = np.full((14 * len(lines) + 4, img.shape[1], 3), 255, np.uint8)
     for n, text in enumerate(lines):
@@ -243,8 +165,6 @@ def _label(img, lines):
 
 def side_by_side(rows, path):
     """``rows``: per image, a list of ``([label lines], HxWx3 uint8 RGB crop)``; writes one PNG grid."""
-    import cv2
-    import numpy as np
     lines = []
     for row in rows:
         tiles = [_label(img, text) for text, img in row]
@@ -260,13 +180,11 @@ def side_by_side(rows, path):
 
 # ---------------------------------------------------------------------------------------------- run
 def _to_rgb8(x):
-    from basicsr.utils import tensor2img
     return tensor2img(x, rgb2bgr=False)
 
 
 def count_net_macs(net, size):
-    """GMACs of ``net`` for one ``size`` image, with ``tpdiff info``'s counter (None if it cannot be traced)."""
-    import torch
+    """GMACs of ``net`` for one ``size`` image, with ``utils.measure.count_macs`` (None if it cannot be traced)."""
     try:
         total, _, _ = count_macs(net, (torch.randn(1, 3, *size),))
     except Exception:  # noqa: BLE001  (an untraceable network still gets the other columns)
@@ -276,12 +194,6 @@ def count_net_macs(net, size):
 
 def run_restorer(label, entry, dataset, device, seed, protocol_opt, crop_boxes, source):
     """Run one restorer over ``dataset``; returns its CSV row and ``{index: crop}``."""
-    import time
-
-    import torch
-
-    from tpdiff_plugin.archs.arch_util import pad_to_multiple
-    from tpdiff_plugin.inference import Deblurrer, build_restorer, load_weights
     net = build_restorer(entry['network'], source=source, key=f'restorers.{label}.network')
     params = sum(p.numel() for p in net.parameters())
     weights = entry.get('weights')
@@ -315,7 +227,7 @@ def run_restorer(label, entry, dataset, device, seed, protocol_opt, crop_boxes, 
             sync()
             seconds += time.perf_counter() - t0
             megapixels += lq.shape[-2] * lq.shape[-1] / 1e6
-            psnr, ssim = measure(out, gt, **protocol_opt)
+            psnr, ssim = psnr_ssim(out, gt, **protocol_opt)
             psnrs.append(psnr)
             ssims.append(ssim)
             if i in crop_boxes:
@@ -351,12 +263,6 @@ def print_table(rows, macs_size):
 
 def run(args):
     opt = load_compare_options(args.opt)
-    import csv
-    import logging
-
-    import torch
-
-    import tpdiff_plugin  # noqa: F401
     logging.getLogger('basicsr').setLevel(logging.WARNING)
     device = args.device or opt.get('device') or 'auto'
     out_dir = args.output_dir or opt.get('output_dir') or os.path.join('results', str(opt.get('name', 'compare')))
@@ -375,7 +281,7 @@ def run(args):
     for i in range(len(dataset)):
         item = dataset[i]
         lq, gt = item['lq'][None], item['gt'][None]
-        psnr, ssim = measure(lq, gt, **protocol_opt)
+        psnr, ssim = psnr_ssim(lq, gt, **protocol_opt)
         psnrs.append(psnr)
         ssims.append(ssim)
         if i < max_crops:

@@ -21,11 +21,16 @@ and the exit code is 1.
 import glob
 import os
 
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS
+from tpdiff_plugin.inference import Deblurrer, check_tiling, image_to_tensor, tensor_to_image
 from tpdiff_plugin.utils.errors import UserError
 
 COMMAND = 'deblur'
 HELP = 'Deblur images (files, folders or globs) of any size with a trained TP-Diff checkpoint, tiled.'
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 GLOB_CHARS = '*?['
 
 
@@ -104,8 +109,6 @@ def plan_outputs(inputs, output, single_file_arg):
 
 def read_image(path):
     """Decode ``path`` (any bit depth OpenCV reads) to an RGB(A) / gray array; raises ValueError with a reason."""
-    import cv2
-    import numpy as np
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
@@ -130,7 +133,6 @@ def read_image(path):
 
 def write_image(path, img):
     """Write an RGB(A) / gray array to ``path`` via a temporary file in the same folder, then rename."""
-    import cv2
     if img.ndim == 3 and img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     elif img.ndim == 3 and img.shape[2] == 4:
@@ -159,10 +161,6 @@ def run(args):
         raise UserError(f'--weights: no such checkpoint file: {args.weights}')
     if args.tile < 0:
         raise UserError(f'--tile: expected a positive number of pixels or 0 (no tiling), got {args.tile}')
-
-    from tqdm import tqdm
-
-    from tpdiff_plugin.inference import Deblurrer, check_tiling, image_to_tensor, tensor_to_image
     check_tiling(tile, args.tile_overlap)  # the cheap checks first, before building the network
     deblurrer = Deblurrer.from_checkpoint(args.weights, opt=args.opt, device=args.device, tile=tile,
                                           tile_overlap=args.tile_overlap, half=args.half, seed=args.seed,

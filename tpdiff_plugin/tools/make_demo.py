@@ -2,7 +2,7 @@
 
 TP-Diff trains on unpaired blurry and sharp images; this tool makes a small such set with no download,
 so the demo options and the tests run anywhere. Blur is synthetic camera shake
-(:mod:`tpdiff_plugin.tools.blur_kernels`): a random kernel of 7 to 25 pixels per blurry image, then
+(:mod:`tpdiff_plugin.data.blur_kernels`): a random kernel of 7 to 25 pixels per blurry image, then
 light Gaussian noise (sigma 1 to 2 / 255), rounded to 8 bits.
 
 Output (fixed names; the demo options and the Makefile point at them), default ``datasets_lmdb/demo``:
@@ -13,7 +13,7 @@ Output (fixed names; the demo options and the Makefile point at them), default `
     of each photo's grid (a checkerboard: blurry where row + column is even). The sets share no pixel,
     but their colours and content are alike, so only blur tells them apart. With photo groups instead,
     a discriminator separates the sets by palette first, and the unpaired GAN learned a colour cast
-    (shared/notes/quality.md). motorcycle_right, the stereo twin of motorcycle_left, is left out: its
+    (docs/training-quality.md). motorcycle_right, the stereo twin of motorcycle_left, is left out: its
     tiles would nearly pair with the other set's.
   - ``split`` (the first demo set, kept for comparison): the photos of group A blurred, those of group B
     sharp, no photo in both.
@@ -36,8 +36,16 @@ output and renamed into place; an existing output is refused unless ``--force``,
 """
 import json
 import os
+import re
 import shutil
 
+import cv2
+import numpy as np
+import skimage.data
+
+from tpdiff_plugin.data.blur_kernels import random_shake_kernel
+from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS
+from tpdiff_plugin.tools.make_lmdb import write_lmdb
 from tpdiff_plugin.utils.errors import UserError
 
 COMMAND = 'make-demo'
@@ -70,13 +78,11 @@ def add_arguments(parser):
 
 def load_photo(name):
     """An RGB uint8 photo from ``skimage.data`` (offline), halved if larger than ``MAX_SIDE``."""
-    import cv2
-    from skimage import data
     if name.startswith('motorcycle_'):
-        left, right, _ = data.stereo_motorcycle()
+        left, right, _ = skimage.data.stereo_motorcycle()
         img = left if name == 'motorcycle_left' else right
     else:
-        img = getattr(data, name)()
+        img = getattr(skimage.data, name)()
     if max(img.shape[:2]) > MAX_SIDE:
         img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
     return img
@@ -84,7 +90,6 @@ def load_photo(name):
 
 def texture(tile_rgb):
     """Mean absolute horizontal + vertical luminance gradient of a tile, in [0, 1] units."""
-    import numpy as np
     g = tile_rgb.astype(np.float64).mean(axis=2) / 255.
     return (np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean()) / 2
 
@@ -106,8 +111,6 @@ def blur_crop(img, top, left, size, kernel, noise_sigma, rng):
     no artificial border; the kernel's centre of mass is its centre, so the crop stays aligned with the
     sharp crop at the same box.
     """
-    import cv2
-    import numpy as np
     r = kernel.shape[0] // 2
     padded = cv2.copyMakeBorder(img, r, r, r, r, cv2.BORDER_REFLECT_101)
     region = padded[top:top + size + 2 * r, left:left + size + 2 * r].astype(np.float32)
@@ -119,7 +122,6 @@ def blur_crop(img, top, left, size, kernel, noise_sigma, rng):
 
 
 def _blurry(img, photo, top, left, rng):
-    from tpdiff_plugin.tools.blur_kernels import random_shake_kernel
     size = int(rng.choice(KERNEL_SIZES))
     kernel = random_shake_kernel(size, rng)
     sigma = float(rng.uniform(*NOISE_SIGMA))
@@ -136,10 +138,6 @@ def load_folder_photos(folder):
     """``{name: RGB uint8 image}`` of the images in ``folder`` (sorted, not recursive), each scaled down to a
     longer side of at most ``MAX_SIDE``; names are the file stems with other characters than letters and
     digits replaced by ``_``. Unreadable, non-colour or too small files are a UserError naming them."""
-    import re
-
-    import cv2
-    from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS
     if not os.path.isdir(folder):
         raise UserError(f'--photos: no such folder: {folder}')
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -189,11 +187,6 @@ def training_tiles(domains, extra_photos=None):
 
 def build_demo(output=DEFAULT_OUTPUT, seed=0, force=False, quiet=True, domains='matched', photos_dir=None):
     """Build the demo set into ``output`` (see the module docstring). Returns the info dict written."""
-    import cv2
-    import numpy as np
-
-    from tpdiff_plugin.tools.make_lmdb import write_lmdb
-
     output = os.path.normpath(output)
     if os.path.lexists(output):
         if not force:
@@ -252,8 +245,7 @@ def build_demo(output=DEFAULT_OUTPUT, seed=0, force=False, quiet=True, domains='
                                                 img[top:top + TILE, left:left + TILE])))
             info['images'][f'val/{key}'] = meta
 
-        from skimage import data
-        save(os.path.join(tmp, 'real'), 'clock_motion', np.repeat(data.clock()[:, :, None], 3, axis=2))
+        save(os.path.join(tmp, 'real'), 'clock_motion', np.repeat(skimage.data.clock()[:, :, None], 3, axis=2))
 
         for name, items in sets.items():
             write_lmdb(os.path.join(tmp, f'{name}.lmdb'), items, compress_level=1, quiet=quiet)

@@ -35,7 +35,12 @@ import random
 import re
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+import cv2
+from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+
+from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, list_images, sanitize_key, to_bgr8, verify_lmdb
 from tpdiff_plugin.utils.errors import UserError
 
 COMMAND = 'make-lmdb'
@@ -65,7 +70,6 @@ def add_arguments(parser):
 # --------------------------------------------------------------------------- layouts
 
 def _image_files(folder):
-    from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS
     return sorted(f for f in os.listdir(folder)
                   if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS)
                   and os.path.isfile(os.path.join(folder, f)))
@@ -76,7 +80,6 @@ def _stem(filename):
 
 
 def _key(scene, frame):
-    from tpdiff_plugin.data.image_checks import sanitize_key
     return f'{sanitize_key(scene).replace("-", "_")}-{sanitize_key(frame)}'
 
 
@@ -173,7 +176,6 @@ def collect_pairs(layout, root, split):
 
 def collect_folder(root):
     """``[(key, path)]`` for every image under ``root``; the key is the relative path, made key-safe."""
-    from tpdiff_plugin.data.image_checks import list_images, sanitize_key
     items, seen = [], {}
     for path in list_images(root, '--input'):
         key = sanitize_key(os.path.splitext(os.path.relpath(path, root))[0])
@@ -212,11 +214,6 @@ def _prepare_images(items, staging_dir, workers):
     is already 8-bit BGR, else a converted PNG in ``staging_dir``), key -> ``(h, w, 3)``, and a count of
     conversions by kind.
     """
-    import cv2
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tpdiff_plugin.data.image_checks import to_bgr8
-
     def one(item):
         key, path = item
         raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
@@ -254,9 +251,6 @@ def write_lmdb(lmdb_path, items, compress_level=1, workers=None, quiet=False):
     Returns:
         dict: counts of conversions by kind.
     """
-    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-
-    from tpdiff_plugin.data.image_checks import verify_lmdb
     if not items:
         raise UserError(f'{lmdb_path}: nothing to write (no images)')
     workers = workers or min(8, os.cpu_count() or 1)
@@ -350,7 +344,6 @@ def make_lmdbs(layout, input_root, output_dir, split=None, unpaired=False, seed=
         if unpaired and split != 'train':
             raise UserError('--unpaired: only for the train split; test sets are paired')
         name = name or layout
-    from tpdiff_plugin.data.image_checks import sanitize_key
     if sanitize_key(name) != name:
         raise UserError(f'--name: {name!r} may only contain letters, digits, "_" and "-"')
 

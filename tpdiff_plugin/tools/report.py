@@ -1,8 +1,8 @@
-"""Demo report: input vs output PSNR/SSIM per validation image, and a blurry | deblurred | sharp grid.
+"""``tpdiff report``: input vs output PSNR/SSIM per validation image, and a blurry | deblurred | sharp grid.
 
 Run after ``basicsr test -opt options/test/demo.yml``::
 
-    python -m tpdiff_plugin.tools.demo_report --results results/TPDiff_Demo_Test \
+    tpdiff report --results results/TPDiff_Demo_Test \
         [--real datasets_lmdb/demo/real --weights <net_g.pth> --opt options/demo/stage2.yml]
 
 It reads the blurry and sharp validation images (LMDB in basicsr layout, or a folder), finds each
@@ -13,65 +13,37 @@ the periodic-artifact measure of each output against its input (``utils.artifact
 at 2- and 4-pixel periods added; about 0 means no checkerboard or grid), and writes a PNG grid, one row
 per image: blurry | deblurred | sharp. With ``--real``, the images of that folder (real blur, no ground
 truth: the demo set's ``real/clock_motion.png``) are deblurred with ``--weights`` / ``--opt`` through
-:class:`tpdiff_plugin.inference.Deblurrer` and shown below the grid as blurry | deblurred. Not a
-``tpdiff`` sub-command.
+:class:`tpdiff_plugin.inference.Deblurrer` and shown below the grid as blurry | deblurred.
 """
-import argparse
 import glob
 import os
 import sys
 
+import cv2
 import numpy as np
+from basicsr.metrics import calculate_psnr, calculate_ssim
 
+from tpdiff_plugin.data.image_sets import read_images
+from tpdiff_plugin.inference import Deblurrer
 from tpdiff_plugin.utils.artifacts import periodic_artifact_db
 from tpdiff_plugin.utils.errors import UserError
 
+COMMAND = 'report'
+HELP = 'Demo report: input vs output PSNR/SSIM of a basicsr test run, and a blurry | deblurred | sharp grid.'
 DEFAULT_BLUR = os.path.join('datasets_lmdb', 'demo', 'val_blur.lmdb')
 DEFAULT_SHARP = os.path.join('datasets_lmdb', 'demo', 'val_sharp.lmdb')
-IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
 
-def _decode(buf, what):
-    import cv2
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise UserError(f'{what}: not a readable image')
-    return img
-
-
-def read_images(root):
-    """``{key: BGR uint8 image}`` from an LMDB (basicsr layout: data.mdb + meta_info.txt) or a folder."""
-    if not os.path.exists(root):
-        raise UserError(f'{root}: no such LMDB or folder (build the demo set with `tpdiff make-demo`)')
-    meta = os.path.join(root, 'meta_info.txt')
-    if os.path.isfile(os.path.join(root, 'data.mdb')):
-        if not os.path.isfile(meta):
-            raise UserError(f'{root}: LMDB without meta_info.txt')
-        import lmdb
-        with open(meta, encoding='utf-8') as f:
-            keys = [line.split(' ')[0].split('.')[0] for line in f if line.strip()]
-        env = lmdb.open(root, readonly=True, lock=False, readahead=False)
-        try:
-            with env.begin(write=False) as txn:
-                images = {}
-                for key in keys:
-                    buf = txn.get(key.encode('ascii'))
-                    if buf is None:
-                        raise UserError(f'{root}: key {key!r} listed in meta_info.txt is not in the LMDB')
-                    images[key] = _decode(buf, f'{root}[{key}]')
-        finally:
-            env.close()
-        return images
-    if not os.path.isdir(root):
-        raise UserError(f'{root}: neither an LMDB folder nor an image folder')
-    images = {}
-    for path in sorted(glob.glob(os.path.join(root, '**', '*'), recursive=True)):
-        if path.lower().endswith(IMG_EXTS):
-            with open(path, 'rb') as f:
-                images[os.path.splitext(os.path.basename(path))[0]] = _decode(f.read(), path)
-    if not images:
-        raise UserError(f'{root}: no images found')
-    return images
+def add_arguments(parser):
+    parser.add_argument('--results', required=True, help='the test results folder, e.g. results/TPDiff_Demo_Test')
+    parser.add_argument('--blur', default=DEFAULT_BLUR, help=f'blurry inputs, LMDB or folder (default {DEFAULT_BLUR})')
+    parser.add_argument('--sharp', default=DEFAULT_SHARP, help=f'sharp references (default {DEFAULT_SHARP})')
+    parser.add_argument('--out', default=None,
+                        help='grid PNG to write (default: results/<results folder name>_grid.png beside --results)')
+    parser.add_argument('--real', default=None, help='a folder of real blurry images without ground truth to add '
+                        'to the grid (needs --weights and --opt), e.g. datasets_lmdb/demo/real')
+    parser.add_argument('--weights', default=None, help='the checkpoint that deblurs --real')
+    parser.add_argument('--opt', default=None, help='the options file whose network_g --weights holds')
 
 
 def find_result(results_dir, key):
@@ -91,7 +63,6 @@ def find_result(results_dir, key):
 
 def collect(results_dir, blur_root, sharp_root):
     """Rows ``(key, blurry, deblurred, sharp)`` for every validation key with a result."""
-    import cv2
     if not os.path.isdir(results_dir):
         raise UserError(f'--results: no such folder: {results_dir} (run `basicsr test -opt ...` first)')
     blurs, sharps = read_images(blur_root), read_images(sharp_root)
@@ -121,7 +92,6 @@ def collect(results_dir, blur_root, sharp_root):
 
 def metrics_table(rows):
     """``(per-image list of dicts, mean dict)`` of input/output PSNR and SSIM."""
-    from basicsr.metrics import calculate_psnr, calculate_ssim
     per_image = []
     for key, blur, out, sharp in rows:
         per_image.append({
@@ -155,7 +125,6 @@ def make_grid(rows, gap=4, header=22, real_rows=()):
 
     ``real_rows`` (``(name, blurry, deblurred)``, no ground truth) follow below, each under its own caption,
     as blurry | deblurred at their own size; the canvas is as wide as the widest part."""
-    import cv2
     h = max(r[1].shape[0] for r in rows)
     w = max(r[1].shape[1] for r in rows)
     height = header + len(rows) * (h + gap)
@@ -187,48 +156,26 @@ def make_grid(rows, gap=4, header=22, real_rows=()):
 
 def deblur_real(folder, weights, opt):
     """``[(name, blurry BGR, deblurred BGR)]`` for the images of ``folder``, deblurred with ``weights``."""
-    from tpdiff_plugin.inference import Deblurrer
     images = read_images(folder)
     deblur = Deblurrer.from_checkpoint(weights, opt=opt, seed=0)
     return [(name, img, np.ascontiguousarray(deblur(np.ascontiguousarray(img[:, :, ::-1]))[:, :, ::-1]))
             for name, img in sorted(images.items())]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m tpdiff_plugin.tools.demo_report',
-                                     description=__doc__.split('\n')[0])
-    parser.add_argument('--results', required=True, help='the test results folder, e.g. results/TPDiff_Demo_Test')
-    parser.add_argument('--blur', default=DEFAULT_BLUR, help=f'blurry inputs, LMDB or folder (default {DEFAULT_BLUR})')
-    parser.add_argument('--sharp', default=DEFAULT_SHARP, help=f'sharp references (default {DEFAULT_SHARP})')
-    parser.add_argument('--out', default=None,
-                        help='grid PNG to write (default: results/<results folder name>_grid.png beside --results)')
-    parser.add_argument('--real', default=None, help='a folder of real blurry images without ground truth to add '
-                        'to the grid (needs --weights and --opt), e.g. datasets_lmdb/demo/real')
-    parser.add_argument('--weights', default=None, help='the checkpoint that deblurs --real')
-    parser.add_argument('--opt', default=None, help='the options file whose network_g --weights holds')
-    args = parser.parse_args(argv)
-    try:
-        import cv2
-        if args.real and not (args.weights and args.opt):
-            raise UserError('--real needs --weights and --opt (the network that deblurs those images)')
-        rows = collect(args.results, args.blur, args.sharp)
-        per_image, mean = metrics_table(rows)
-        print(format_table(per_image, mean))
-        real_rows = deblur_real(args.real, args.weights, args.opt) if args.real else ()
-        for name, blur, out in real_rows:
-            print(f'{name} (real blur, no ground truth): artifact {periodic_artifact_db(out, blur):+.2f} dB, '
-                  f'mean |output - input| {np.abs(out.astype(float) - blur).mean():.2f} grey levels')
-        results = os.path.normpath(args.results)
-        out = args.out or os.path.join(os.path.dirname(results) or '.', f'{os.path.basename(results)}_grid.png')
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        if not cv2.imwrite(out, make_grid(rows, real_rows=real_rows)):
-            raise UserError(f'--out: cannot write {out}')
-        print(f'grid (blurry | deblurred | sharp): {out}')
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+def run(args):
+    if args.real and not (args.weights and args.opt):
+        raise UserError('--real needs --weights and --opt (the network that deblurs those images)')
+    rows = collect(args.results, args.blur, args.sharp)
+    per_image, mean = metrics_table(rows)
+    print(format_table(per_image, mean))
+    real_rows = deblur_real(args.real, args.weights, args.opt) if args.real else ()
+    for name, blur, out in real_rows:
+        print(f'{name} (real blur, no ground truth): artifact {periodic_artifact_db(out, blur):+.2f} dB, '
+              f'mean |output - input| {np.abs(out.astype(float) - blur).mean():.2f} grey levels')
+    results = os.path.normpath(args.results)
+    out = args.out or os.path.join(os.path.dirname(results) or '.', f'{os.path.basename(results)}_grid.png')
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if not cv2.imwrite(out, make_grid(rows, real_rows=real_rows)):
+        raise UserError(f'--out: cannot write {out}')
+    print(f'grid (blurry | deblurred | sharp): {out}')
     return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())
