@@ -387,7 +387,7 @@ def main(argv=None):
     if args.threads is None and args.jobs > 1:
         args.threads = 1
     import tpdiff_plugin  # noqa: F401
-    from tpdiff_plugin.tools.make_demo import build_demo
+    from tpdiff_plugin.data.demo_set import build_demo
     with tempfile.TemporaryDirectory(prefix='tpdiff-quality-') as tmp:
         work = os.path.abspath(args.keep) if args.keep else tmp
         os.makedirs(work, exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import REPO, run_cmd
-from tpdiff_plugin.tools.make_demo import build_demo
+from tpdiff_plugin.data.demo_set import build_demo
 
 LOSS_LINE = re.compile(r'iter:\s+(\d+), lr:.*?\]\s+(l_.*)$')
 

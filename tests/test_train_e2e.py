@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port
-from tpdiff_plugin.tools.make_demo import build_demo
+from tpdiff_plugin.data.demo_set import build_demo
 
 SHORT = ['--force_yml', 'val:val_freq=2', 'logger:save_checkpoint_freq=2', 'logger:print_freq=1',
          'datasets:train:batch_size_per_gpu=2']

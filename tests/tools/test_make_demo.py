@@ -12,7 +12,7 @@ from basicsr.data.paired_image_dataset import PairedImageDataset
 
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.data.unpaired_image_dataset import UnpairedImageDataset
-from tpdiff_plugin.tools.make_demo import build_demo, load_photo
+from tpdiff_plugin.data.demo_set import build_demo, load_photo
 from tpdiff_plugin.utils.errors import UserError
 
 LMDBS = ('train_blur', 'train_sharp', 'train_blur_gt', 'val_blur', 'val_sharp')
