@@ -14,7 +14,9 @@ import importlib
 import os
 import sys
 
+from tpdiff_plugin.option_check import validate_options
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.option_files import apply_force_yml, load_options_file
 
 # Modules under tpdiff_plugin.tools that provide a `tpdiff` sub-command, in --help order.
 TOOL_MODULES = ['make_lmdb', 'make_demo', 'info', 'deblur', 'compare', 'report']
@@ -60,8 +62,6 @@ def _check_opt_file(argv):
             path = argv[i + 1]
             if not os.path.isfile(path):
                 raise UserError(f'-opt: no such options file: {path}')
-            from tpdiff_plugin.option_check import validate_options
-            from tpdiff_plugin.utils.option_files import apply_force_yml, load_options_file
             opt = apply_force_yml(load_options_file(path), _force_yml_entries(argv), path)
             validate_options(opt, path)
 
@@ -70,7 +70,6 @@ def run_basicsr(command, argv):
     """Run upstream's train or test pipeline with ``argv`` (upstream's own argument parser)."""
     _check_opt_file(argv)
     prepare_cpu()
-    import tpdiff_plugin  # noqa: F401  (mends basicsr, registers everything)
     sys.argv = [f'basicsr {command}'] + list(argv)
     root = os.getcwd()
     ok = False
