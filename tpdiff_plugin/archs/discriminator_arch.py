@@ -36,6 +36,9 @@ class PatchDiscriminator(nn.Module):
         blur_pool (bool): blur before every stride-2 conv (anti-aliasing; see the module docstring).
     """
 
+    #: option names of earlier releases -> today's (``utils/networks.py`` names the new one in its error)
+    RENAMED_OPTIONS = {'n_layers': 'num_layers'}
+
     def __init__(self, in_ch=3, base_ch=64, num_layers=3, norm='spectral', blur_pool=False):
         super().__init__()
         if norm not in _NORMS:

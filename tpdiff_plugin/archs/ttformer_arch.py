@@ -159,6 +159,9 @@ class TPDiffNet(nn.Module):
     icnr_init (the pixel-shuffle upsamplers start checkerboard-free, see ``Upsample``; default on).
     """
 
+    #: option names of earlier releases -> today's (``utils/networks.py`` names the new one in its error)
+    RENAMED_OPTIONS = {'inp_channels': 'in_ch', 'out_channels': 'out_ch'}
+
     def __init__(self, in_ch=3, out_ch=3, dim=30, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
                  heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False, prior_ch=64, prior_scale=4,
                  filter_kernel=3, fm_msa=True, multi_scale_prior=True, use_dm=True, dm_feats=64, dm_blocks=5,

@@ -6,10 +6,9 @@ built from ``network_<label>`` and saved as ``net_<label>_<iter>.pth``. This mix
 """
 import os
 
-from basicsr.archs import build_network
-
 from tpdiff_plugin.utils.checkpoint import load_network_file
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.networks import build_network_block
 
 
 class LabelledNetworks:
@@ -27,7 +26,7 @@ class LabelledNetworks:
         key = f'network_{label}'
         if not isinstance(self.opt.get(key), dict) or 'type' not in self.opt[key]:
             raise UserError(f'option "{key}" is missing or has no "type": {type(self).__name__} needs it')
-        net = build_network(self.opt[key])
+        net = build_network_block(self.opt.get('name', 'options'), key, self.opt[key])
         if prepare is not None:
             prepare(net)
         self.load_pretrained(net, label)

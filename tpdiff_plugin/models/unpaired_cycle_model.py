@@ -34,7 +34,6 @@ import copy
 from collections import OrderedDict
 
 import torch
-from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
@@ -46,6 +45,7 @@ from tpdiff_plugin.models.history_pool import ImageHistoryPool
 from tpdiff_plugin.models.labelled_networks import LabelledNetworks
 from tpdiff_plugin.models.numerical_guard import NumericalGuard
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.networks import build_network_block
 from tpdiff_plugin.utils.resume import TrainingStateHook, get_rng_states, set_rng_states
 
 
@@ -118,7 +118,8 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         self.ema_decay = train_opt.get('ema_decay', 0)
         if self.ema_decay > 0:
             get_root_logger().info(f'Use Exponential Moving Average with decay: {self.ema_decay}')
-            self.net_g_ema = build_network(self.opt['network_g']).to(self.device)
+            self.net_g_ema = build_network_block(self.opt.get('name', 'options'), 'network_g',
+                                                 self.opt['network_g']).to(self.device)
             load_path = self.opt['path'].get('pretrain_network_g')
             if load_path is not None:
                 self.load_network(self.net_g_ema, load_path, self.opt['path'].get('strict_load_g', True), 'params_ema')

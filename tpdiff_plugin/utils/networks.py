@@ -22,6 +22,11 @@ def build_network_block(source, key, block):
     if block['type'] not in ARCH_REGISTRY:
         raise UserError(f'{source}: {key}.type: no network named "{block["type"]}" is registered '
                         '(check the spelling; plugin networks register on `import tpdiff_plugin`)')
+    renamed = getattr(ARCH_REGISTRY.get(block['type']), 'RENAMED_OPTIONS', {})
+    old = sorted(k for k in block if k in renamed)
+    if old:
+        raise UserError(f'{source}: {key}.{old[0]} is now called {renamed[old[0]]} (one naming convention across '
+                        'the networks); rename it in the options file')
     try:
         return build_network(copy.deepcopy(block))
     except (TypeError, ValueError) as e:
