@@ -35,6 +35,7 @@ from torch import nn
 
 from tpdiff_plugin.archs.arch_util import pad_to_multiple
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+from tpdiff_plugin.data.image_checks import PIXEL_PEAKS
 from tpdiff_plugin.utils.checkpoint import load_network_file
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
@@ -204,12 +205,9 @@ def image_to_tensor(img):
     """
     if not isinstance(img, np.ndarray):
         raise TypeError(f'expected a numpy array, got {type(img).__name__}')
-    if img.dtype == np.uint8:
-        peak = 255.0
-    elif img.dtype == np.uint16:
-        peak = 65535.0
-    else:
+    if img.dtype not in PIXEL_PEAKS:
         raise ValueError(f'unsupported pixel type {img.dtype}: only 8-bit and 16-bit images are accepted')
+    peak = float(PIXEL_PEAKS[img.dtype])
     gray = img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
         raise ValueError(f'unsupported image shape {tuple(img.shape)}: expected HxW, HxWx3 (RGB) or HxWx4 (RGBA)')

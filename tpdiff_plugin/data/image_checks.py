@@ -29,6 +29,8 @@ from PIL import Image
 
 from tpdiff_plugin.utils.errors import UserError
 
+#: the largest value of each accepted pixel type (white)
+PIXEL_PEAKS = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _META_LINE = re.compile(r'^(?P<name>\S+)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)(\s+\S+)?\s*$')
 _KEY_UNSAFE = re.compile(r'[^A-Za-z0-9_-]')
@@ -52,11 +54,8 @@ def to_bgr8(img, name):
     """
     if img is None:
         raise UserError(f'{name}: cannot decode this image (corrupt or unsupported format)')
-    if img.dtype == np.uint16:
-        depth_max = 65535
-    elif img.dtype == np.uint8:
-        depth_max = 255
-    else:
+    depth_max = PIXEL_PEAKS.get(img.dtype)
+    if depth_max is None:
         raise UserError(f'{name}: unsupported pixel type {img.dtype}; only 8-bit and 16-bit images are '
                         'accepted (convert it to an 8-bit PNG)')
     if img.ndim == 2:
@@ -141,18 +140,22 @@ def read_meta_info(lmdb_path, what):
         raise UserError(f'{what}: {lmdb_path} has no meta_info.txt; it is not an LMDB in basicsr layout '
                         '(build it with `tpdiff make-lmdb`)')
     entries = []
-    with open(meta, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            m = _META_LINE.match(line.strip())
-            if m is None:
-                raise UserError(f'{what}: {meta} line {lineno} is not "<name>.png (h,w,c) <level>": '
-                                f'{line.strip()!r}')
-            name = m.group('name')
-            key = name.rsplit('.', 1)[0] if '.' in name else name
-            entries.append((key, (int(m.group('h')), int(m.group('w')), int(m.group('c')))))
+    for lineno, line in numbered_lines(meta):
+        m = _META_LINE.match(line)
+        if m is None:
+            raise UserError(f'{what}: {meta} line {lineno} is not "<name>.png (h,w,c) <level>": {line!r}')
+        name = m.group('name')
+        key = name.rsplit('.', 1)[0] if '.' in name else name
+        entries.append((key, (int(m.group('h')), int(m.group('w')), int(m.group('c')))))
     return entries
+
+
+def numbered_lines(path):
+    """``(line number, stripped line)`` for each non-blank line of the UTF-8 text file ``path``."""
+    with open(path, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line.strip()
 
 
 def lmdb_keys(lmdb_path):

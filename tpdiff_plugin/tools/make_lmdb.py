@@ -35,7 +35,7 @@ import random
 import re
 import shutil
 
-from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, list_images, sanitize_key
+from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, list_images, numbered_lines, sanitize_key
 from tpdiff_plugin.data.lmdb_writer import write_lmdb
 from tpdiff_plugin.utils.errors import UserError
 
@@ -133,22 +133,19 @@ def _realblur_pairs(root, split, variant):
         raise UserError(f'--input {root}: no {list_name}; expected the RealBlur root with its list files '
                         '(lines "<gt_path> <blur_path>" relative to the root)')
     pairs = []
-    with open(list_path, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise UserError(f'{list_path} line {lineno}: expected "<gt_path> <blur_path>", got {line.strip()!r}')
-            gt, blur = (os.path.join(root, p) for p in fields)
-            for p in (gt, blur):
-                if not os.path.isfile(p):
-                    raise UserError(f'{list_path} line {lineno}: file not found: {p}')
-            parts = os.path.normpath(fields[1]).split(os.sep)
-            scenes = [p for p in parts if re.fullmatch(r'scene\d+', p)]
-            scene = scenes[-1] if scenes else (parts[-3] if len(parts) >= 3 else 'scene')
-            frame = re.sub(r'^blur_', '', _stem(parts[-1]))
-            pairs.append(Pair(scene, _key(scene, frame), blur, gt))
+    for lineno, line in numbered_lines(list_path):
+        fields = line.split()
+        if len(fields) != 2:
+            raise UserError(f'{list_path} line {lineno}: expected "<gt_path> <blur_path>", got {line!r}')
+        gt, blur = (os.path.join(root, p) for p in fields)
+        for p in (gt, blur):
+            if not os.path.isfile(p):
+                raise UserError(f'{list_path} line {lineno}: file not found: {p}')
+        parts = os.path.normpath(fields[1]).split(os.sep)
+        scenes = [p for p in parts if re.fullmatch(r'scene\d+', p)]
+        scene = scenes[-1] if scenes else (parts[-3] if len(parts) >= 3 else 'scene')
+        frame = re.sub(r'^blur_', '', _stem(parts[-1]))
+        pairs.append(Pair(scene, _key(scene, frame), blur, gt))
     if not pairs:
         raise UserError(f'{list_path}: lists no images')
     return pairs
