@@ -374,6 +374,33 @@ def test_sharp_cycle_noise_degrades_only_dn_input_of_the_sharp_cycle():
         assert torch.equal(seen[0][4:], plain.bare('rb')(data['ref']))
 
 
+def test_sharp_cycle_noise_ramp_grows_the_sigma_from_zero():
+    """With sharp_cycle_noise_ramp N, DN's sharp-cycle input at iteration i carries noise of sigma i/N of the
+    asked one (only the 8-bit rounding at iteration 0), and the full sigma from iteration N on."""
+    data = batch(15, n=4, size=32)
+    model = build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_ramp=100), seed=1)
+    model.feed_data(data)
+    seen = []
+    model.bare('g').register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        clean = model.bare('rb')(data['ref'])
+    inside = (clean > 0.05) & (clean < 0.95)
+    stds = {}
+    for it in (0, 50, 100, 400):
+        model.current_iter = it
+        seen.clear()
+        with torch.no_grad():
+            model.generator_losses()
+        stds[it] = (seen[0][4:] - clean)[inside].std().item() * 255
+    rounding = math.sqrt(1 / 12)
+    assert stds[0] == pytest.approx(rounding, rel=0.15)  # no noise yet, only the rounding
+    assert stds[50] == pytest.approx(math.sqrt(2 ** 2 + 1 / 12), rel=0.1)  # half way: sigma 2
+    assert stds[100] == pytest.approx(math.sqrt(4 ** 2 + 1 / 12), rel=0.1)
+    assert stds[400] == pytest.approx(stds[100], rel=0.1)  # capped at the asked sigma
+    with pytest.raises(UserError, match='train.sharp_cycle_noise_ramp must be an integer >= 0'):
+        build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_ramp=-5))
+
+
 @pytest.mark.parametrize('value', [-1, [3, 1], [1, 2, 3], 'high', True])
 def test_sharp_cycle_noise_rejects_bad_values(value):
     with pytest.raises(UserError, match='train.sharp_cycle_noise'):

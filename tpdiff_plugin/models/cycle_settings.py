@@ -14,11 +14,11 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def positive_int(train_opt, key, default):
-    """``train.<key>`` (``default`` when absent), checked to be an integer >= 1 (the check ``basicsr train``
-    already made on the options file, for models built from Python)."""
+def int_option(train_opt, key, default, minimum=1):
+    """``train.<key>`` (``default`` when absent), checked to be an integer >= ``minimum`` (the check
+    ``basicsr train`` already made on the options file, for models built from Python)."""
     value = train_opt.get(key, default)
-    check_int(value, f'train.{key}', 1, source='')
+    check_int(value, f'train.{key}', minimum, source='')
     return int(value)
 
 

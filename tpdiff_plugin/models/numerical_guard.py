@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from basicsr.utils import get_root_logger
 
-from tpdiff_plugin.models.cycle_settings import positive_int
+from tpdiff_plugin.models.cycle_settings import int_option
 from tpdiff_plugin.utils.errors import UserError
 
 
@@ -17,7 +17,7 @@ class NumericalGuard:
     """Mixin for a basicsr model (uses ``self.opt`` and ``self.device``)."""
 
     def init_numerical_guard(self, train_opt):
-        self.max_bad_iters = positive_int(train_opt, 'max_bad_iters', 10)
+        self.max_bad_iters = int_option(train_opt, 'max_bad_iters', 10)
         self.bad_iters = 0  # consecutive iterations with a non-finite loss
 
     def bad_terms(self, losses):

@@ -21,7 +21,7 @@ One iteration (batch: ``lq`` = blurry b, ``ref`` = an unpaired sharp s):
     (+ l_d_r1 with ``train.r1_weight``).
 
 Training options beyond the paper's losses (``cycle_sharp_opt``, ``gan_sharp_opt``, ``sharp_cycle_trains_rb``,
-``sharp_cycle_noise``, ``identity_opt``, ``r1_weight``, ``d_update_every``; see ``options/README.md``) are all
+``sharp_cycle_noise``, ``sharp_cycle_noise_ramp``, ``identity_opt``, ``r1_weight``, ``d_update_every``; see ``options/README.md``) are all
 off by default, so the paper options train the paper's objective; the demo recipe and ``bench/quality.py``
 use them.
 
@@ -40,7 +40,7 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from tpdiff_plugin.models.cycle_settings import noise_range, noisy_8bit, positive_int, r1_weights
+from tpdiff_plugin.models.cycle_settings import int_option, noise_range, noisy_8bit, r1_weights
 from tpdiff_plugin.models.history_pool import ImageHistoryPool
 from tpdiff_plugin.models.labelled_networks import LabelledNetworks
 from tpdiff_plugin.models.numerical_guard import NumericalGuard
@@ -64,8 +64,9 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
     TOP_KEYS = frozenset()
     TRAIN_KEYS = frozenset({'optim_g', 'optim_d', 'scheduler', 'pool_size', 'gan_opt', 'cycle_opt', 'wave_opt',
                             'ema_decay', 'max_bad_iters', 'cycle_sharp_opt', 'gan_sharp_opt', 'identity_opt',
-                            'sharp_cycle_trains_rb', 'sharp_cycle_noise', 'r1_weight', 'd_update_every'})
-    TRAIN_INTS = {'pool_size': 0, 'max_bad_iters': 1, 'd_update_every': 1}  # key -> minimum
+                            'sharp_cycle_trains_rb', 'sharp_cycle_noise', 'sharp_cycle_noise_ramp', 'r1_weight',
+                            'd_update_every'})
+    TRAIN_INTS = {'pool_size': 0, 'max_bad_iters': 1, 'd_update_every': 1, 'sharp_cycle_noise_ramp': 0}  # -> minimum
     VAL_KEYS = frozenset()
     PATH_KEYS = frozenset()
 
@@ -146,8 +147,10 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
             else None
         self.sharp_cycle_trains_rb = bool(train_opt.get('sharp_cycle_trains_rb', True))
         self.sharp_cycle_noise = noise_range(train_opt.get('sharp_cycle_noise'))
+        self.sharp_cycle_noise_ramp = int_option(train_opt, 'sharp_cycle_noise_ramp', 0, minimum=0)
+        self.current_iter = 0  # set by optimize_parameters; the noise ramp reads it
         self.r1_weights = r1_weights(train_opt.get('r1_weight', 0), self.D_LABELS, self.discriminator_labels)
-        self.d_update_every = positive_int(train_opt, 'd_update_every', 1)
+        self.d_update_every = int_option(train_opt, 'd_update_every', 1)
         self.train_stats = OrderedDict()  # logged with the losses (not summed into them), e.g. TPE memory usage
 
         self.init_numerical_guard(train_opt)
@@ -235,7 +238,8 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         fake_b = self.net_rb(s)
         fake_b_in = fake_b if self.sharp_cycle_trains_rb else fake_b.detach()
         if self.sharp_cycle_noise is not None:
-            fake_b_in = noisy_8bit(fake_b_in, *self.sharp_cycle_noise)
+            ramp = min(1.0, self.current_iter / self.sharp_cycle_noise_ramp) if self.sharp_cycle_noise_ramp else 1.0
+            fake_b_in = noisy_8bit(fake_b_in, *(ramp * sigma for sigma in self.sharp_cycle_noise))
         chunks = [b, fake_b_in]
         if self.cri_identity is not None:
             chunks.append(s)
@@ -304,6 +308,7 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
                 p.requires_grad = flag
 
     def optimize_parameters(self, current_iter):
+        self.current_iter = current_iter
         # generator step
         self._set_d_requires_grad(False)
         self.optimizer_g.zero_grad(set_to_none=True)
