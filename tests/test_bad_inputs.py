@@ -211,6 +211,7 @@ def _rename(opt, old, new):
     (lambda o: o['datasets']['train'].update(dataroot_sharp='missing.lmdb'), 'datasets.train.dataroot_sharp: no '
      'such file or folder: missing.lmdb'),
     (lambda o: o['train'].update(max_bad_iters=0), 'train.max_bad_iters must be a positive integer, got 0'),
+    (lambda o: o.update(num_gpu=64), 'num_gpu is 64 but this machine has'),
 ])
 def test_basicsr_train_refuses_bad_options(in_tmp, demo_data, capsys, mutate, culprit):
     opt = _train_opt(in_tmp, demo_data)

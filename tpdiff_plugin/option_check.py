@@ -16,6 +16,7 @@ import difflib
 import numbers
 import os
 
+import torch
 from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 
 import tpdiff_plugin  # noqa: F401  (registers the plugin's models and datasets, whose schemas are read below)
@@ -46,6 +47,19 @@ def _declared(registry, name, attribute):
         return None
     cls = registry.get(name)
     return cls if getattr(cls, attribute, None) is not None else None
+
+
+def validate_devices(opt, source):
+    """``num_gpu``: an integer >= 0 or "auto", and no more GPUs than this machine has (for every model type:
+    upstream would fail inside torch.cuda)."""
+    num_gpu = opt.get('num_gpu')
+    if num_gpu is None or num_gpu == 'auto':
+        return
+    check_int(num_gpu, 'num_gpu (or "auto")', 0, source)
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpu > have:
+        raise UserError(f'{source}: num_gpu is {num_gpu} but this machine has {have} GPU(s); set num_gpu: '
+                        f'{have} (0 trains on the CPU) or "auto"')
 
 
 def validate_paths(opt, source):
@@ -116,9 +130,6 @@ def _check_numbers(opt, model, source):
         block = opt if not section else (opt.get(section) or {})
         if block.get(key) is not None:
             check_int(block[key], f'{section + "." if section else ""}{key}', minimum, source)
-    num_gpu = opt.get('num_gpu')
-    if num_gpu is not None and num_gpu != 'auto':
-        check_int(num_gpu, 'num_gpu (or "auto")', 0, source)
     for option in ('optim_g', 'optim_d'):
         optim = (opt.get('train') or {}).get(option)
         if isinstance(optim, dict) and 'lr' in optim:
@@ -167,6 +178,8 @@ def validate_schema(opt, source):
 
 
 def validate_options(opt, source):
-    """Schema of our models' keys, required keys, and that every data / checkpoint path exists."""
+    """Schema of our models' keys, the GPUs asked for, required keys, and that every data / checkpoint path
+    exists."""
     validate_schema(opt, source)
+    validate_devices(opt, source)
     validate_paths(opt, source)

@@ -117,3 +117,60 @@ def test_console_script_runs_with_a_progress_bar(setup, cli_runner):
     assert 'deblurred 2 of 2 image(s)' in res.stdout and 'device cpu' in res.stdout
     assert '2/2' in res.stderr  # tqdm over the files
     assert sorted(p.name for p in out.iterdir()) == ['a.png', 'gray.png']
+
+
+def _png_declaring(path, width, height):
+    """A valid 8x8 PNG whose IHDR is patched to declare ``width`` x ``height`` (CRC fixed): a decompression bomb's
+    shape without its bytes."""
+    import struct
+    import zlib
+    ok, buf = cv2.imencode('.png', np.zeros((8, 8, 3), np.uint8))
+    data = bytearray(buf.tobytes())
+    data[16:24] = struct.pack('>II', width, height)
+    data[29:33] = struct.pack('>I', zlib.crc32(bytes(data[12:29])) & 0xffffffff)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('width, height, limit, match', [
+    (100000, 100000, None, 'its header declares more than 179 MP'),  # over Pillow's bomb limit
+    (16000, 10000, None, 'its header declares 16000x10000 (160 MP), over the limit of 150 MP'),
+    (4000, 3000, 10, 'its header declares 4000x3000 (12 MP), over the limit of 10 MP'),
+])
+def test_an_enormous_declared_size_is_refused_before_decoding(setup, capsys, width, height, limit, match):
+    src = setup['tmp'] / 'bombs'
+    src.mkdir()
+    _png_declaring(src / 'bomb.png', width, height)
+    cv2.imwrite(str(src / 'ok.png'), setup['images']['a.png'])
+    out = setup['tmp'] / 'out'
+    extra = ['--max-megapixels', limit] if limit else []
+    code = _deblur('-i', src, '-o', out, '--weights', setup['weights'], '--opt', setup['opt'], *extra)
+    text = capsys.readouterr().out
+    assert code == 1 and 'deblurred 1 of 2' in text
+    assert f'bomb.png: {match}' in text
+    assert sorted(p.name for p in out.iterdir()) == ['ok.png']  # nothing written for the refused file
+
+
+def test_checkpoint_with_nan_weights_is_refused_naming_the_tensor(setup, capsys):
+    net = tiny_net(seed=0)
+    state = net.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name].view(-1)[0] = float('nan')
+    bad = setup['tmp'] / 'nan.pth'
+    torch.save({'params': state}, bad)
+    out = setup['tmp'] / 'out'
+    code = _deblur('-i', setup['src'] / 'a.png', '-o', out / 'a.png', '--weights', bad, '--opt', setup['opt'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert f'nan.pth: tensor {name} holds 1 NaN/Inf value(s)' in err[0]
+    assert not out.exists()
+
+
+def test_non_finite_output_is_not_written(setup, capsys, monkeypatch):
+    """Finite weights can still produce NaN (e.g. an overflow in half precision): nothing is written for it."""
+    monkeypatch.setattr(Deblurrer, 'forward', lambda self, x, progress=None: torch.full_like(x, float('nan')))
+    out = setup['tmp'] / 'out'
+    code = _deblur('-i', setup['src'] / 'a.png', '-o', out / 'a.png', '--weights', setup['weights'],
+                   '--opt', setup['opt'])
+    text = capsys.readouterr().out
+    assert code == 1 and 'a.png: the network produced NaN/Inf values; nothing written' in text
+    assert not (out / 'a.png').exists()

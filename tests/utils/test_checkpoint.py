@@ -65,3 +65,14 @@ def test_save_then_load_round_trip_strict_and_not(tmp_path):
     assert torch.equal(other.weight, src.weight)
     with pytest.raises(UserError, match='--weights: no such checkpoint file'):
         load_network_file(dst, tmp_path / 'missing.pth', '--weights')
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    net = nn.Conv2d(3, 4, 3)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state['bias'][1] = float('inf')
+    state['weight'][0, 0, 0, 0] = float('nan')
+    path = tmp_path / 'bad.pth'
+    torch.save({'params': state}, path)
+    with pytest.raises(UserError, match=r'bad.pth: tensor weight holds 1 NaN/Inf value\(s\)'):
+        load_network_file(nn.Conv2d(3, 4, 3), path, '--weights')

@@ -20,6 +20,7 @@ to do.
 import collections
 import os
 import re
+import warnings
 
 import cv2
 import lmdb
@@ -96,6 +97,26 @@ def read_bgr8(path):
     except OSError as e:
         raise UserError(f'{path}: cannot read ({e.strerror})') from None
     return decode_bgr8(content, path)
+
+
+def check_declared_size(path, max_pixels):
+    """Refuse, before decoding, an image whose header declares more than ``max_pixels`` pixels (a decompression
+    bomb, or a photo too large for memory): ValueError with the declared size. Formats Pillow cannot parse
+    are left to the decoder (OpenCV refuses over 2^30 pixels itself)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        w = h = None
+    except Exception:  # noqa: BLE001  (not an image Pillow knows: the decoder decides)
+        return
+    if w is None or w * h > max_pixels:
+        size = 'more than {:.0f} MP'.format(2 * Image.MAX_IMAGE_PIXELS / 1e6) if w is None else \
+            f'{w}x{h} ({w * h / 1e6:.0f} MP)'
+        raise ValueError(f'its header declares {size}, over the limit of {max_pixels / 1e6:.0f} MP '
+                         '(--max-megapixels); not decoded')
 
 
 def list_images(folder, what):

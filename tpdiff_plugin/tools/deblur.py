@@ -23,15 +23,17 @@ import os
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS
+from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, check_declared_size
 from tpdiff_plugin.inference import Deblurrer, check_tiling, image_to_tensor, tensor_to_image
 from tpdiff_plugin.utils.errors import UserError
 
 COMMAND = 'deblur'
 HELP = 'Deblur images (files, folders or globs) of any size with a trained TP-Diff checkpoint, tiled.'
 GLOB_CHARS = '*?['
+DEFAULT_MAX_MEGAPIXELS = 150  # 150 MP: 1.8 GB as float32 RGB, the input tensor tiling starts from
 
 
 def add_arguments(parser):
@@ -52,6 +54,9 @@ def add_arguments(parser):
     parser.add_argument('--half', action='store_true', help='fp16 autocast on CUDA, bf16 autocast on CPU')
     parser.add_argument('--seed', type=int, default=0, help='seed of the DM initial noise (default 0)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    parser.add_argument('--max-megapixels', type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                        help='refuse images whose header declares more pixels than this, before decoding '
+                             f'(default {DEFAULT_MAX_MEGAPIXELS:g}: a 3840x2160 photo is 8.3)')
 
 
 def _is_image(path):
@@ -107,15 +112,21 @@ def plan_outputs(inputs, output, single_file_arg):
     return pairs
 
 
-def read_image(path):
-    """Decode ``path`` (any bit depth OpenCV reads) to an RGB(A) / gray array; raises ValueError with a reason."""
+def read_image(path, max_pixels=DEFAULT_MAX_MEGAPIXELS * 1e6):
+    """Decode ``path`` (any bit depth OpenCV reads) to an RGB(A) / gray array; raises ValueError with a reason.
+
+    An image whose header declares more than ``max_pixels`` is refused before it is decoded."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise ValueError(f'cannot read ({e.strerror})') from None
     if data.size == 0:
         raise ValueError('empty file')
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    check_declared_size(path, max_pixels)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # OpenCV's own size limit, or a header it rejects
+        raise ValueError(f'cannot decode this image ({str(e).strip().splitlines()[-1]})') from None
     if img is None:
         raise ValueError('cannot decode this image (corrupt or unsupported format)')
     if img.dtype not in (np.uint8, np.uint16):
@@ -169,7 +180,7 @@ def run(args):
     bar = tqdm(pairs, unit='img', disable=args.quiet or len(pairs) < 2, desc='deblur')
     for src, dst in bar:
         try:
-            img = read_image(src)
+            img = read_image(src, max_pixels=args.max_megapixels * 1e6)
         except ValueError as e:
             failures.append((src, str(e)))
             continue
@@ -182,9 +193,13 @@ def run(args):
                 bar.total = total
                 bar.n = done
                 bar.refresh()
-        out = tensor_to_image(deblurrer(x, progress=None if tiles is None else progress), info)
+        y = deblurrer(x, progress=None if tiles is None else progress)
         if tiles is not None:
             tiles.close()
+        if not torch.isfinite(y).all():
+            failures.append((src, 'the network produced NaN/Inf values; nothing written'))
+            continue
+        out = tensor_to_image(y, info)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
             write_image(dst, out)

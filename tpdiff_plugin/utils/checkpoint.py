@@ -84,6 +84,16 @@ def pick_params(ckpt, path, param_key=None, fallback_to_params=False):
     return {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}, key
 
 
+def check_finite(state, path):
+    """A one-line UserError naming the first tensor of ``state`` that holds NaN or Inf (a diverged or corrupted
+    checkpoint would otherwise load and make images of NaN)."""
+    for name, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f'{path}: tensor {name} holds {bad} NaN/Inf value(s); the checkpoint is unusable '
+                            '(a diverged run or a corrupted file): load an earlier one')
+
+
 def check_fit(net, state, path, hint):
     """A one-line UserError when ``state`` does not fit ``net`` exactly: a few missing / unexpected keys and
     the first mis-shaped one. ``hint`` ends the message (what the user should check)."""
@@ -106,11 +116,12 @@ def check_fit(net, state, path, hint):
 
 def load_network_file(net, path, what, param_key=None, strict=True, fallback_to_params=False,
                       hint='check the network options'):
-    """Read ``path``, pick its state dict (:func:`pick_params`) and load it into ``net``.
+    """Read ``path``, pick its state dict (:func:`pick_params`), refuse non-finite values and load it into ``net``.
 
     ``strict``: the state must fit ``net`` exactly (else a UserError, see :func:`check_fit`); non-strict
     loading keeps torch's rules (matching names only) and logs what was left out. Returns the key used."""
     state, key = pick_params(read_checkpoint(path, what), path, param_key, fallback_to_params)
+    check_finite(state, path)
     logger.info(f'Loading {type(net).__name__} model from {path}, with param key: [{key}].')
     if strict:
         check_fit(net, state, path, hint)
