@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from basicsr.metrics import calculate_psnr
+from basicsr.models.sr_model import SRModel
 from basicsr.utils import tensor2img
 from basicsr.utils.misc import check_resume
-from tpdiff_plugin.models.unpaired_cycle_model import ImageHistoryPool, UnpairedCycleModel
+from tpdiff_plugin.models.history_pool import ImageHistoryPool
+from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.errors import UserError
 from model_helpers import batch, build
 
@@ -206,6 +208,32 @@ def test_validation_computes_basicsr_metrics_on_the_dn_output():
     expected = sum(calculate_psnr(tensor2img([lq]), tensor2img([gt]), crop_border=0) for lq, gt in dataset.items) / 2
     assert model.metric_results['psnr'] == pytest.approx(expected, rel=1e-6)
     assert model.net_g.training  # back to training mode after validation
+
+
+def test_validation_leaves_the_training_rng_streams_as_they_were():
+    """Validating draws from torch's RNG (the DataLoader iterator's seed); the model puts the streams back, so
+    a run resumed from a checkpoint saved at a validation iteration goes on like the uninterrupted one."""
+    import random
+
+    import numpy as np
+    model = build(make_opt())
+    loader = torch.utils.data.DataLoader(_PairedSet(), batch_size=1)
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    model.validation(loader, current_iter=1, tb_logger=None, save_img=False)
+    after = (torch.rand(4), random.random(), np.random.rand())
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    expected = (torch.rand(4), random.random(), np.random.rand())
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+    # the control: upstream's validation (SRModel's) does move torch's stream
+    torch.manual_seed(3)
+    SRModel.validation(model, loader, current_iter=1, tb_logger=None, save_img=False)
+    moved = torch.rand(4)
+    torch.manual_seed(3)
+    assert not torch.equal(moved, torch.rand(4))
 
 
 def test_missing_networks_and_checkpoints_are_user_errors(tmp_path):

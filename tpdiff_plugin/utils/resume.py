@@ -37,15 +37,26 @@ _HANDOFF = {}
 
 
 class TrainingStateHook:
-    """Mixin for models whose ``.state`` files carry more than optimizers and schedulers.
+    """Mixin (before basicsr's model class) for models that resume exactly.
 
     :func:`save_training_state` merges ``extra_training_state()`` into the state it writes; the model's
-    ``resume_training(resume_state)`` (basicsr's) reads those entries back.
+    ``resume_training(resume_state)`` (basicsr's) reads those entries back. ``validation`` leaves the RNG
+    streams as it found them: basicsr saves a checkpoint *before* validating at the same iteration, and
+    validating draws from the global RNG (each DataLoader iterator takes a seed from torch's), so without this
+    a run resumed from such a checkpoint would continue on other random numbers than the uninterrupted run
+    (found by ``bench/soak.py``). It also means that how often one validates does not change training.
     """
 
     def extra_training_state(self):
         """Entries (plain containers of tensors and numbers) to merge into the ``.state`` file."""
         return {}
+
+    def validation(self, dataloader, current_iter, tb_logger, save_img=False):
+        states = get_rng_states()
+        try:
+            super().validation(dataloader, current_iter, tb_logger, save_img)
+        finally:
+            set_rng_states(states)
 
 
 def save_training_state(model, epoch, current_iter):
