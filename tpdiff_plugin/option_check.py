@@ -92,6 +92,7 @@ def validate_paths(opt, source):
 
 
 def _unknown(key, known, where, source):
+    key = str(key)  # YAML reads `1:`, `~:` or `yes:` as a number, None or a bool
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     hint = f'; did you mean "{close[0]}"?' if close else f' (known: {", ".join(sorted(known))})'
     raise UserError(f'{source}: unknown option "{where}{key}"{hint}')
@@ -119,7 +120,10 @@ def _check_keys(opt, model, source):
             if key not in known:
                 _unknown(key, known, f'{section}.', source)
     path_keys = PATH_KEYS | set(model.PATH_KEYS)
-    for key in opt.get('path') or {}:
+    paths = opt.get('path') or {}
+    if not isinstance(paths, dict):
+        raise UserError(f'{source}: option "path" must be a mapping, got {type(paths).__name__}')
+    for key in paths:
         if key not in path_keys and not (isinstance(key, str) and key.startswith(PATH_PREFIXES)):
             _unknown(key, path_keys | {f'pretrain_network_{x}' for x in model.NETWORK_LABELS}, 'path.', source)
 
@@ -140,7 +144,10 @@ def _check_numbers(opt, model, source):
 
 
 def _check_datasets(opt, source):
-    for phase, dopt in (opt.get('datasets') or {}).items():
+    datasets = opt.get('datasets') or {}
+    if not isinstance(datasets, dict):
+        raise UserError(f'{source}: option "datasets" must be a mapping of phase names to dataset options')
+    for phase, dopt in datasets.items():
         dataset = _declared(DATASET_REGISTRY, dopt.get('type') if isinstance(dopt, dict) else None, 'OPTION_KEYS')
         if dataset is None:
             continue

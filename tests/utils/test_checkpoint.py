@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from tpdiff_plugin.utils.checkpoint import (atomic_torch_save, check_fit, load_network_file, pick_params,
-                                            save_networks)
+from tpdiff_plugin.utils.checkpoint import (atomic_torch_save, check_finite, check_fit, load_network_file,
+                                            pick_params, save_networks)
 from tpdiff_plugin.utils.errors import UserError
 
 
@@ -76,3 +76,33 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
     torch.save({'params': state}, path)
     with pytest.raises(UserError, match=r'bad.pth: tensor weight holds 1 NaN/Inf value\(s\)'):
         load_network_file(nn.Conv2d(3, 4, 3), path, '--weights')
+
+
+# Found by the fuzz suite (tests/fuzz/test_fuzz_checkpoints.py): each was a traceback or a multi-line message.
+@pytest.mark.parametrize('make, match', [
+    (lambda w: w.to_sparse(), 'tensor weight is a sparse_coo tensor'),
+    (lambda w: torch.empty_like(w, device='meta'), 'tensor weight is a meta tensor'),
+    (lambda w: torch.quantize_per_tensor(w, 0.1, 0, torch.qint8), 'tensor weight is quantized'),
+])
+def test_tensors_that_cannot_be_loaded_are_refused_naming_them(tmp_path, make, match):
+    net = nn.Linear(3, 2)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state['weight'] = make(state['weight'])  # torch.load(weights_only=True) reads all three back
+    torch.save({'params': state}, tmp_path / 'odd.pth')
+    with pytest.raises(UserError, match=match):
+        load_network_file(net, tmp_path / 'odd.pth', '--weights')
+
+
+def test_odd_keys_and_complex_nan_give_one_line():
+    w = torch.zeros(2)
+    with pytest.raises(UserError, match=r"key that is not a name \(3, a int\)"):  # was AttributeError (startswith)
+        pick_params({'params': {3: w}}, 'x.pth')
+    with pytest.raises(UserError) as info:  # the message named the key with its line break
+        pick_params({'params': 1, 'a\nb': 2}, 'x.pth', 'params_x')
+    assert '\n' not in str(info.value) and "'a\\nb'" in str(info.value)
+    net = nn.Linear(2, 1, bias=False)
+    with pytest.raises(UserError) as info:
+        check_fit(net, {'weight\n': torch.zeros(1, 2)}, 'x.pth', 'hint')
+    assert '\n' not in str(info.value)
+    with pytest.raises(UserError, match='holds 1 NaN/Inf'):  # complex tensors were not checked
+        check_finite({'w': torch.tensor([1 + 1j, complex('nan')])}, 'x.pth')

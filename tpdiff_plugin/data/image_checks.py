@@ -18,6 +18,7 @@ LMDBs follow basicsr's layout (``data.mdb``, ``lock.mdb``, ``meta_info.txt`` wit
 to do.
 """
 import collections
+import io
 import os
 import re
 import warnings
@@ -28,10 +29,14 @@ import numpy as np
 from basicsr.utils import imfrombytes
 from PIL import Image
 
+from tpdiff_plugin.data import lmdb_pages
 from tpdiff_plugin.utils.errors import UserError
 
 #: the largest value of each accepted pixel type (white)
 PIXEL_PEAKS = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+#: the most pixels a dataset image's header may declare (150 MP, as ``tpdiff deblur``'s default): past it the
+#: bytes are refused undecoded, since a few corrupt header bytes can declare gigabytes
+MAX_PIXELS = 150_000_000
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _META_LINE = re.compile(r'^(?P<name>\S+)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)(\s+\S+)?\s*$')
 _KEY_UNSAFE = re.compile(r'[^A-Za-z0-9_-]')
@@ -81,12 +86,23 @@ def to_bgr8(img, name):
 
 
 def decode_bgr8(content, name):
-    """Decode image bytes (a file's or an LMDB value) and apply :func:`to_bgr8`."""
+    """Decode image bytes (a file's or an LMDB value) and apply :func:`to_bgr8`.
+
+    A header declaring more than :data:`MAX_PIXELS` is refused before decoding (a few bytes could otherwise
+    make OpenCV allocate gigabytes), and a header OpenCV rejects is a UserError, not a ``cv2.error``."""
     if content is None:
         raise UserError(f'{name}: no such key or file')
     if len(content) == 0:
         raise UserError(f'{name}: empty file / value')
-    return to_bgr8(imfrombytes(content, flag='unchanged', float32=False), name)
+    size = _oversize(io.BytesIO(content), MAX_PIXELS)
+    if size is not None:
+        raise UserError(f'{name}: its header declares {size}, over the limit of {MAX_PIXELS / 1e6:.0f} MP for '
+                        'dataset images; not decoded (a corrupt file, or split the image into tiles)')
+    try:
+        img = imfrombytes(content, flag='unchanged', float32=False)
+    except cv2.error as e:  # e.g. a declared size over OpenCV's own limit, in a format Pillow cannot parse
+        raise UserError(f'{name}: cannot decode this image ({str(e).strip().splitlines()[-1]})') from None
+    return to_bgr8(img, name)
 
 
 def read_bgr8(path):
@@ -99,22 +115,27 @@ def read_bgr8(path):
     return decode_bgr8(content, path)
 
 
-def check_declared_size(path, max_pixels):
-    """Refuse, before decoding, an image whose header declares more than ``max_pixels`` pixels (a decompression
-    bomb, or a photo too large for memory): ValueError with the declared size. Formats Pillow cannot parse
-    are left to the decoder (OpenCV refuses over 2^30 pixels itself)."""
+def _oversize(source, max_pixels):
+    """``'WxH (N MP)'`` when the header of ``source`` (a path or a file object) declares more than ``max_pixels``
+    pixels, else None. Read by Pillow without decoding; formats Pillow cannot parse are left to the decoder
+    (OpenCV refuses over 2^30 pixels itself)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            warnings.simplefilter('ignore')  # DecompressionBombWarning, and Pillow's notes on odd headers
+            with Image.open(source) as im:
                 w, h = im.size
     except Image.DecompressionBombError:
-        w = h = None
+        return 'more than {:.0f} MP'.format(2 * Image.MAX_IMAGE_PIXELS / 1e6)
     except Exception:  # noqa: BLE001  (not an image Pillow knows: the decoder decides)
-        return
-    if w is None or w * h > max_pixels:
-        size = 'more than {:.0f} MP'.format(2 * Image.MAX_IMAGE_PIXELS / 1e6) if w is None else \
-            f'{w}x{h} ({w * h / 1e6:.0f} MP)'
+        return None
+    return f'{w}x{h} ({w * h / 1e6:.0f} MP)' if w * h > max_pixels else None
+
+
+def check_declared_size(path, max_pixels):
+    """Refuse, before decoding, an image whose header declares more than ``max_pixels`` pixels (a decompression
+    bomb, or a photo too large for memory): ValueError with the declared size."""
+    size = _oversize(path, max_pixels)
+    if size is not None:
         raise ValueError(f'its header declares {size}, over the limit of {max_pixels / 1e6:.0f} MP '
                          '(--max-megapixels); not decoded')
 
@@ -137,7 +158,7 @@ def image_size(path):
     """``(h, w)`` of an image file from its header (Pillow, no decode), falling back to a full decode.
 
     Also refuses, at this point, files whose alpha channel has transparent pixels (decoding only the
-    files that have an alpha channel at all).
+    files that have an alpha channel at all) and files declaring more than :data:`MAX_PIXELS`.
     """
     try:
         with Image.open(path) as im:
@@ -146,8 +167,8 @@ def image_size(path):
     except Exception:  # Pillow cannot parse the header: let OpenCV decide  # noqa: BLE001
         img = read_bgr8(path)
         return img.shape[0], img.shape[1]
-    if alpha:
-        read_bgr8(path)  # raises on transparent pixels
+    if w * h > MAX_PIXELS or alpha:
+        read_bgr8(path)  # raises on transparent pixels, and on a declared size over MAX_PIXELS
     return h, w
 
 
@@ -172,11 +193,22 @@ def read_meta_info(lmdb_path, what):
 
 
 def numbered_lines(path):
-    """``(line number, stripped line)`` for each non-blank line of the UTF-8 text file ``path``."""
-    with open(path, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield lineno, line.strip()
+    """``(line number, stripped line)`` for each non-blank line of the UTF-8 text file ``path``; a file that
+    cannot be read or is not UTF-8 is a UserError naming it (and the line)."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f'{path}: cannot read ({e.strerror})') from None
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        lineno = data.count(b'\n', 0, e.start) + 1
+        raise UserError(f'{path} line {lineno}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8') \
+            from None
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):  # newlines as text mode reads them
+        if line.strip():
+            yield lineno, line.strip()
 
 
 def lmdb_keys(lmdb_path):
@@ -197,8 +229,9 @@ def _describe(keys, limit=3):
 
 def check_lmdb_complete(path, option):
     """Refuse an LMDB whose ``data.mdb`` is shorter than the pages its header says are in use (a copy or
-    download that stopped early). Reading such a file kills the process with SIGBUS (lmdb maps it), so
-    this must be checked before any worker touches it."""
+    download that stopped early), or whose header or tree is corrupt (:mod:`lmdb_pages`). Reading such a file
+    kills the process (SIGBUS, SIGSEGV, SIGFPE: lmdb maps it and trusts it), so this must be checked before
+    any worker touches it."""
     data = os.path.join(path, 'data.mdb')
     if not os.path.isfile(data):
         return
@@ -207,16 +240,22 @@ def check_lmdb_complete(path, option):
         raise UserError(f'{option}: {data} is truncated ({size} bytes, less than its two header pages); '
                         'rebuild or re-copy the LMDB')
     try:
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True)
+        header = lmdb_pages.read_header(data, size)
+        if isinstance(header, str):
+            raise UserError(f'{option}: {data}: {header}; rebuild or re-copy the LMDB')
+        psize, last_pg, root = header
+        if size < (last_pg + 1) * psize:
+            raise UserError(f'{option}: {data} is truncated ({size} bytes, its header needs '
+                            f'{(last_pg + 1) * psize}); rebuild or re-copy the LMDB')
+        problem = lmdb_pages.tree_problem(data, psize, last_pg, root)
+    except OSError as e:
+        raise UserError(f'{option}: cannot read {data} ({e.strerror})') from None
+    if problem:
+        raise UserError(f'{option}: {data} is corrupt ({problem}); rebuild or re-copy the LMDB')
+    try:
+        lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True).close()
     except lmdb.Error as e:
         raise UserError(f'{option}: cannot open LMDB {path}: {e}') from None
-    try:
-        needed = (env.info()['last_pgno'] + 1) * env.stat()['psize']
-    finally:
-        env.close()
-    if size < needed:
-        raise UserError(f'{option}: {data} is truncated ({size} bytes, its header needs {needed}); '
-                        'rebuild or re-copy the LMDB')
 
 
 def check_lmdb(lmdb_path, what):
@@ -257,7 +296,9 @@ def check_lmdb(lmdb_path, what):
 
 
 def read_lmdb_value(lmdb_path, key):
-    """One raw value of an LMDB (bytes or None), opening and closing the environment."""
+    """One raw value of an LMDB (bytes or None), opening and closing the environment (after
+    :func:`check_lmdb_complete`: a corrupt header would crash the process)."""
+    check_lmdb_complete(lmdb_path, 'LMDB')
     env = lmdb.open(lmdb_path, readonly=True, lock=False, readahead=False)
     try:
         with env.begin(write=False) as txn:

@@ -48,8 +48,9 @@ def read_checkpoint(path, what, map_location='cpu'):
 
 
 def describe_keys(keys, limit=3):
-    """``'a, b, c (+2 more)'``: a few names for a one-line message."""
-    keys = sorted(keys)
+    """``'a, b, c (+2 more)'``: a few names for a one-line message (a name with a line break or another
+    unprintable character is shown as its repr)."""
+    keys = [k if k.isprintable() else repr(k) for k in sorted(map(str, keys))]
     more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
     return ', '.join(keys[:limit]) + more
 
@@ -64,7 +65,8 @@ def pick_params(ckpt, path, param_key=None, fallback_to_params=False):
     ``param_key`` None: ``params_ema`` if present, else ``params``, else the file itself when it is a bare
     state dict (key None). A named ``param_key`` must be present, except that with ``fallback_to_params``
     a missing one falls back to ``params`` (basicsr's rule for ``param_key_g: params_ema``), with a log line.
-    ``module.`` prefixes (DDP) are dropped. Anything else is a one-line UserError naming ``path``.
+    ``module.`` prefixes (DDP) are dropped. Anything else (non-tensor values, keys that are not names, meta,
+    sparse or quantized tensors) is a one-line UserError naming ``path``.
     """
     if not isinstance(ckpt, dict):
         raise UserError(f'{path}: not a basicsr checkpoint (a dict of state dicts), got {type(ckpt).__name__}')
@@ -81,6 +83,16 @@ def pick_params(ckpt, path, param_key=None, fallback_to_params=False):
     if not _is_state_dict(state):
         raise UserError(f'{path}: no "params_ema" or "params" state dict inside '
                         f'(has: {describe_keys(map(str, ckpt), 5)}); is it a basicsr network checkpoint?')
+    odd = [k for k in state if not isinstance(k, str)]
+    if odd:
+        raise UserError(f'{path}: the state dict has a key that is not a name ({odd[0]!r}, a {type(odd[0]).__name__}); '
+                        'is it a basicsr network checkpoint?')
+    for name, value in state.items():  # torch loads these (weights_only too) but cannot copy them into a network
+        if value.is_meta or value.is_quantized or value.layout != torch.strided:
+            kind = 'a meta tensor (no values)' if value.is_meta else 'quantized' if value.is_quantized else \
+                f'a {str(value.layout).replace("torch.", "")} tensor'
+            raise UserError(f'{path}: tensor {describe_keys([name])} is {kind}, not a plain dense tensor; save the '
+                            "network's state_dict() as it is")
     return {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}, key
 
 
@@ -88,10 +100,10 @@ def check_finite(state, path):
     """A one-line UserError naming the first tensor of ``state`` that holds NaN or Inf (a diverged or corrupted
     checkpoint would otherwise load and make images of NaN)."""
     for name, value in state.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
-            raise UserError(f'{path}: tensor {name} holds {bad} NaN/Inf value(s); the checkpoint is unusable '
-                            '(a diverged run or a corrupted file): load an earlier one')
+            raise UserError(f'{path}: tensor {describe_keys([name])} holds {bad} NaN/Inf value(s); the checkpoint is '
+                            'unusable (a diverged run or a corrupted file): load an earlier one')
 
 
 def check_fit(net, state, path, hint):
@@ -108,8 +120,8 @@ def check_fit(net, state, path, hint):
         parts.append(f'unexpected keys: {describe_keys(unexpected)}')
     if shapes:
         k = shapes[0]
-        parts.append(f'{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} vs '
-                     f'network {tuple(own[k].shape)}')
+        parts.append(f'{len(shapes)} shape mismatch(es), e.g. {describe_keys([k])}: checkpoint '
+                     f'{tuple(state[k].shape)} vs network {tuple(own[k].shape)}')
     if parts:
         raise UserError(f'{path}: does not fit {type(net).__name__} as configured ({"; ".join(parts)}); {hint}')
 

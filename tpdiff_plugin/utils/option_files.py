@@ -9,10 +9,16 @@ from tpdiff_plugin.utils.errors import UserError
 def load_options_file(path):
     """Parse ``path`` as YAML and return the mapping, or raise UserError naming the file (and line)."""
     try:
-        with open(path, encoding='utf-8') as f:
-            opt = yaml.safe_load(f)
+        with open(path, 'rb') as f:
+            data = f.read()
     except OSError as e:
         raise UserError(f'-opt: cannot read options file {path}: {e.strerror}') from None
+    try:
+        opt = yaml.safe_load(data.decode('utf-8'))
+    except UnicodeDecodeError as e:
+        line = data.count(b'\n', 0, e.start) + 1
+        raise UserError(f'{path} (line {line}): not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8') \
+            from None
     except yaml.YAMLError as e:
         where = ''
         mark = getattr(e, 'problem_mark', None)
@@ -20,6 +26,10 @@ def load_options_file(path):
             where = f' (line {mark.line + 1}, column {mark.column + 1})'
         problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
         raise UserError(f'{path}{where}: not valid YAML: {problem}') from None
+    except Exception as e:  # noqa: BLE001  (PyYAML's constructors: `!!float inch`, `!!bool x`, nesting too deep)
+        text = str(e).strip().splitlines()
+        raise UserError(f'{path}: not valid YAML: {type(e).__name__}: {text[0] if text else "(no message)"} (check '
+                        'the values with an explicit !!tag, and the nesting)') from None
     if not isinstance(opt, dict):
         raise UserError(f'{path}: expected a mapping of option keys at the top level, got {type(opt).__name__}')
     return opt
