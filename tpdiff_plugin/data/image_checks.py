@@ -30,7 +30,7 @@ from basicsr.utils import imfrombytes
 from PIL import Image
 
 from tpdiff_plugin.data import lmdb_pages
-from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.errors import UserError, read_bytes
 
 #: the largest value of each accepted pixel type (white)
 PIXEL_PEAKS = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
@@ -107,12 +107,7 @@ def decode_bgr8(content, name):
 
 def read_bgr8(path):
     """Read an image file from disk under the colour rule."""
-    try:
-        with open(path, 'rb') as f:
-            content = f.read()
-    except OSError as e:
-        raise UserError(f'{path}: cannot read ({e.strerror})') from None
-    return decode_bgr8(content, path)
+    return decode_bgr8(read_bytes(path, ''), path)
 
 
 def _oversize(source, max_pixels):

@@ -3,16 +3,12 @@ integer check every option shares. What the keys mean is checked in ``tpdiff_plu
 """
 import yaml
 
-from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.errors import UserError, read_bytes
 
 
 def load_options_file(path):
     """Parse ``path`` as YAML and return the mapping, or raise UserError naming the file (and line)."""
-    try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f'-opt: cannot read options file {path}: {e.strerror}') from None
+    data = read_bytes(path, '-opt: options file')
     try:
         opt = yaml.safe_load(data.decode('utf-8'))
     except UnicodeDecodeError as e:
