@@ -160,7 +160,7 @@ def apply():
     BaseModel.model_to_device = model_to_device
     basicsr.train.parse_options = _parse_options_with_fallback(basicsr.train.parse_options)
     BaseModel.save_network = master_only(_save_network)
-    BaseModel.save_training_state = master_only(_save_training_state)
+    BaseModel.save_training_state = _save_training_state  # every rank calls it (a gather); rank 0 writes
     BaseModel.load_network = _load_network
     basicsr.train.create_train_val_dataloader = resume.wrap_create_train_val_dataloader(
         basicsr.train.create_train_val_dataloader)

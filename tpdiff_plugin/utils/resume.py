@@ -14,9 +14,9 @@ interrupted epoch from its first batch. Here (installed over upstream by ``compa
   interrupted epoch where it stopped and restores the python / numpy / torch RNG streams saved at that
   moment, so a resumed CPU run with ``num_worker_per_gpu: 0`` repeats the uninterrupted one exactly.
 
-Limits: with dataloader workers each worker's RNG position within the epoch is not saved (same images in
-the same order, other random crops and flips); with several processes (DDP) only rank 0's RNG streams are
-saved, so they are not restored.
+Under DDP every rank's streams and extra state are saved (``rank_states``) and each rank resumes its own.
+Limit: with dataloader workers each worker's RNG position within the epoch is not saved (same images in the
+same order, other random crops and flips).
 
 Upstream's ``train_pipeline`` calls ``load_resume_state(opt)`` and later ``create_train_val_dataloader(opt,
 logger)`` with no channel between them: :data:`_HANDOFF` carries the epoch position and RNG streams from
@@ -29,6 +29,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from tpdiff_plugin.utils.checkpoint import atomic_torch_save, read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
@@ -59,16 +60,49 @@ class TrainingStateHook:
             set_rng_states(states)
 
 
+def gather_from_ranks(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` under torch.distributed (a collective: every rank must call it),
+    else ``[obj]``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def save_training_state(model, epoch, current_iter):
-    """Upstream ``BaseModel.save_training_state`` plus the model's extra state, written atomically."""
+    """Upstream ``BaseModel.save_training_state`` plus the model's extra state, written atomically by rank 0.
+
+    Called on every rank: under DDP each rank's extra state (its RNG streams, history pools, ...) is gathered
+    and saved as ``rank_states`` (rank 0's also at the top level, as in a one-process run), so that each
+    rank resumes its own (:func:`own_rank_state`)."""
     if current_iter == -1:
+        return
+    extra = model.extra_training_state() if isinstance(model, TrainingStateHook) else {}
+    ranks = gather_from_ranks(extra)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     state = {'epoch': epoch, 'iter': current_iter,
              'optimizers': [o.state_dict() for o in model.optimizers],
              'schedulers': [s.state_dict() for s in model.schedulers]}
-    if isinstance(model, TrainingStateHook):
-        state.update(model.extra_training_state())
+    state.update(extra)
+    if len(ranks) > 1:
+        state['rank_states'] = ranks
     atomic_torch_save(state, os.path.join(model.opt['path']['training_states'], f'{current_iter}.state'))
+
+
+def own_rank_state(resume_state, opt):
+    """The ``.state`` as this rank saved it: under DDP, this rank's entries of ``rank_states`` over rank 0's.
+
+    A multi-process state without them (saved before) loses its RNG streams here: rank 0's on every rank
+    would make the ranks' random draws identical, so such runs resume with their seeded streams."""
+    world = opt.get('world_size', 1)
+    if world <= 1:
+        return resume_state
+    ranks = resume_state.get('rank_states')
+    if isinstance(ranks, list) and len(ranks) == world:
+        return {**resume_state, **ranks[opt.get('rank', 0)]}
+    return {k: v for k, v in resume_state.items() if k != 'rng_states'}
 
 
 def get_rng_states():
@@ -148,9 +182,7 @@ def load_resume_state(opt):
     if not isinstance(resume_state, dict) or not isinstance(resume_state.get('iter'), int):
         raise UserError(f'path.resume_state: {resume_state_path} is not a basicsr training state (no "iter")')
     check_resume(opt, resume_state['iter'])
-    # the RNG streams are rank 0's (only rank 0 saves): restoring them on every rank would make the ranks'
-    # random draws identical, so multi-process runs resume with their seeded streams instead
-    rng = resume_state.get('rng_states') if opt.get('world_size', 1) == 1 else None
+    rng = own_rank_state(resume_state, opt).get('rng_states')  # this rank's streams
     _HANDOFF.update(iter=resume_state['iter'], epoch=resume_state.get('epoch', 0), rng=rng)
     return resume_state
 
