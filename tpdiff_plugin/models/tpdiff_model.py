@@ -55,7 +55,6 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.checkpoint import read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.utils.resume import own_rank_state
 
 
 @MODEL_REGISTRY.register()
@@ -266,8 +265,7 @@ class TPDiffModel(UnpairedCycleModel):
             state['tpe_sharp_batch'] = self.last_sharp.cpu()
         return state
 
-    def resume_training(self, resume_state):
-        super().resume_training(resume_state)
-        resume_state = own_rank_state(resume_state, self.opt)  # under DDP: this rank's sharp batch
-        if resume_state.get('tpe_sharp_batch') is not None:
-            self.last_sharp = resume_state['tpe_sharp_batch'].to(self.device)
+    def load_extra_training_state(self, state):
+        super().load_extra_training_state(state)
+        if state.get('tpe_sharp_batch') is not None:
+            self.last_sharp = state['tpe_sharp_batch'].to(self.device)

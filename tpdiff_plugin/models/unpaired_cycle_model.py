@@ -46,7 +46,7 @@ from tpdiff_plugin.models.labelled_networks import LabelledNetworks
 from tpdiff_plugin.models.numerical_guard import NumericalGuard
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
-from tpdiff_plugin.utils.resume import TrainingStateHook, get_rng_states, own_rank_state, set_rng_states
+from tpdiff_plugin.utils.resume import TrainingStateHook, get_rng_states, set_rng_states
 
 
 @MODEL_REGISTRY.register()
@@ -382,12 +382,10 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
             state['image_pools'] = {k: p.state_dict() for k, p in pools.items()}
         return state
 
-    def resume_training(self, resume_state):
-        super().resume_training(resume_state)
-        resume_state = own_rank_state(resume_state, self.opt)  # under DDP: this rank's pools and streams
-        for name, images in (resume_state.get('image_pools') or {}).items():
+    def load_extra_training_state(self, state):
+        for name, images in (state.get('image_pools') or {}).items():
             if name in self.pools:
                 self.pools[name].load_state_dict(images, self.device)
-        self.bad_iters = int(resume_state.get('bad_iters', 0))
-        if resume_state.get('rng_states') is not None:  # re-applied when the first batch is drawn (utils/resume.py)
-            set_rng_states(resume_state['rng_states'])
+        self.bad_iters = int(state.get('bad_iters', 0))
+        if state.get('rng_states') is not None:  # re-applied when the first batch is drawn (utils/resume.py)
+            set_rng_states(state['rng_states'])

@@ -40,8 +40,8 @@ _HANDOFF = {}
 class TrainingStateHook:
     """Mixin (before basicsr's model class) for models that resume exactly.
 
-    :func:`save_training_state` merges ``extra_training_state()`` into the state it writes; the model's
-    ``resume_training(resume_state)`` (basicsr's) reads those entries back. ``validation`` leaves the RNG
+    :func:`save_training_state` merges ``extra_training_state()`` into the state it writes; on resume,
+    ``load_extra_training_state`` gets those entries back (this rank's under DDP). ``validation`` leaves the RNG
     streams as it found them: basicsr saves a checkpoint *before* validating at the same iteration, and
     validating draws from the global RNG (each DataLoader iterator takes a seed from torch's), so without this
     a run resumed from such a checkpoint would continue on other random numbers than the uninterrupted run
@@ -52,6 +52,13 @@ class TrainingStateHook:
         """Entries (plain containers of tensors and numbers) to merge into the ``.state`` file."""
         return {}
 
+    def load_extra_training_state(self, state):
+        """Take back what ``extra_training_state`` saved; ``state`` is the ``.state`` as this rank saved it."""
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)  # basicsr's: optimizers and schedulers
+        self.load_extra_training_state(own_rank_state(resume_state, self.opt))
+
     def validation(self, dataloader, current_iter, tb_logger, save_img=False):
         states = get_rng_states()
         try:
@@ -60,14 +67,22 @@ class TrainingStateHook:
             set_rng_states(states)
 
 
+def _rank_and_world():
+    """``(rank, world size)`` of this process under torch.distributed, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def gather_from_ranks(obj):
     """``[obj of rank 0, obj of rank 1, ...]`` under torch.distributed (a collective: every rank must call it),
     else ``[obj]``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
+    world = _rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def save_training_state(model, epoch, current_iter):
@@ -80,7 +95,7 @@ def save_training_state(model, epoch, current_iter):
         return
     extra = model.extra_training_state() if isinstance(model, TrainingStateHook) else {}
     ranks = gather_from_ranks(extra)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if _rank_and_world()[0] != 0:
         return
     state = {'epoch': epoch, 'iter': current_iter,
              'optimizers': [o.state_dict() for o in model.optimizers],
