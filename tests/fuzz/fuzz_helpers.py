@@ -85,10 +85,8 @@ def isolated(fn, *args, errors=(UserError,), timeout=HANG_SECONDS):
     child.close()
     ready, result = parent.poll(timeout), None
     if ready:
-        try:
+        with contextlib.suppress(EOFError):  # the child died without a word: result stays None
             result = parent.recv()
-        except EOFError:  # the child died without a word
-            pass
     proc.join(5)
     if proc.is_alive():
         proc.kill()

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from fuzz_helpers import _EDIT, fuzz_settings, isolated, mutate, mutated_bytes, outcome
 from tpdiff_plugin.data import image_checks
 from tpdiff_plugin.data.unpaired_image_dataset import UnpairedImageDataset
-from tpdiff_plugin.utils.errors import UserError
 
 KEYS = ['k0', 'k1', 'k2']
 SHAPE = (12, 10, 3)

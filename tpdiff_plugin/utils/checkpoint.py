@@ -13,6 +13,7 @@ Test hook (tests only): with ``TPDIFF_TEST_KILL_DURING_SAVE=<file name>`` in the
 :func:`atomic_torch_save` SIGKILLs its own process after writing that file's temporary copy and before
 the rename, i.e. in the middle of a save (``tests/test_crash_resume.py``).
 """
+import contextlib
 import errno
 import glob
 import logging
@@ -78,11 +79,11 @@ def pick_params(ckpt, path, param_key=None, fallback_to_params=False):
             logger.info(f'Loading: {key} does not exist in {path}, use params.')
             key = 'params'
         if key not in ckpt:
-            raise UserError(f'{path}: no "{key}" entry (has: {describe_keys(map(str, ckpt), 5)})')
+            raise UserError(f'{path}: no "{key}" entry (has: {describe_keys(ckpt, 5)})')
     state = ckpt[key] if key is not None else ckpt
     if not _is_state_dict(state):
         raise UserError(f'{path}: no "params_ema" or "params" state dict inside '
-                        f'(has: {describe_keys(map(str, ckpt), 5)}); is it a basicsr network checkpoint?')
+                        f'(has: {describe_keys(ckpt, 5)}); is it a basicsr network checkpoint?')
     odd = [k for k in state if not isinstance(k, str)]
     if odd:
         raise UserError(f'{path}: the state dict has a key that is not a name ({odd[0]!r}, a {type(odd[0]).__name__}); '
@@ -106,13 +107,19 @@ def check_finite(state, path):
                             'unusable (a diverged run or a corrupted file): load an earlier one')
 
 
+def _misfit(own, state):
+    """``(missing, unexpected, mis-shaped)`` keys of ``state`` against the network's own state dict."""
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    return missing, unexpected, shapes
+
+
 def check_fit(net, state, path, hint):
     """A one-line UserError when ``state`` does not fit ``net`` exactly: a few missing / unexpected keys and
     the first mis-shaped one. ``hint`` ends the message (what the user should check)."""
     own = net.state_dict()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    missing, unexpected, shapes = _misfit(own, state)
     parts = []
     if missing:
         parts.append(f'missing keys: {describe_keys(missing)}')
@@ -138,12 +145,11 @@ def load_network_file(net, path, what, param_key=None, strict=True, fallback_to_
     if strict:
         check_fit(net, state, path, hint)
     else:
-        own = net.state_dict()
-        skipped = sorted(set(own) ^ set(state))
-        skipped += sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        missing, unexpected, shapes = _misfit(net.state_dict(), state)
+        skipped = sorted(missing | unexpected) + shapes
         if skipped:
             logger.warning(f'Loading {path} non-strictly: left out {describe_keys(skipped)}')
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        state = {k: v for k, v in state.items() if k not in unexpected and k not in shapes}
     net.load_state_dict(state, strict=strict)
     return key
 
@@ -186,18 +192,14 @@ def atomic_torch_save(obj, path):
         raise
     # temporary copies of this file left by a process killed mid-save
     for stale in glob.glob(os.path.join(glob.escape(folder), f'.{glob.escape(os.path.basename(path))}.tmp*')):
-        try:
+        with contextlib.suppress(OSError):  # best effort: another process may have removed it
             os.remove(stale)
-        except OSError:
-            pass
-    try:  # make the rename itself durable
+    with contextlib.suppress(OSError):  # make the rename itself durable, where the file system allows it
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def save_networks(nets, param_keys, path):

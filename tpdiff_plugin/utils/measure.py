@@ -15,6 +15,7 @@ op computes, ``B·H·W·k²·C_in·4`` for the bilinear samples plus ``B·H·W·
 weighted sum, which is also what mmengine counts for the ``grid_sample`` implementation (4 per sample,
 plus its 1x1 conv), so both FM-MSA implementations report the same MACs.
 """
+import contextlib
 import ctypes
 import gc
 import inspect
@@ -104,21 +105,19 @@ def count_macs(net, inputs):
 
 # ---------------------------------------------------------------------------------------------- memory
 def _proc_status_kib(field):
-    try:
+    """``field`` of ``/proc/self/status`` in KiB, or None where it cannot be read (not Linux)."""
+    with contextlib.suppress(OSError):
         with open('/proc/self/status', encoding='ascii') as f:
             for line in f:
                 if line.startswith(field + ':'):
                     return int(line.split()[1])
-    except OSError:
-        pass
     return None
 
 
 def _malloc_trim():
-    try:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class PeakMemory:
