@@ -13,7 +13,6 @@ the closest known one (a typo such as ``netwrok_g`` or ``trian`` would otherwise
 basicsr). Options of other model types and of upstream datasets are left to basicsr.
 """
 import difflib
-import numbers
 import os
 
 import torch
@@ -22,7 +21,7 @@ from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 import tpdiff_plugin  # noqa: F401  (registers the plugin's models and datasets, whose schemas are read below)
 from tpdiff_plugin.data.image_checks import check_lmdb_complete
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.utils.option_files import check_int
+from tpdiff_plugin.utils.option_files import check_int, is_number
 
 REQUIRED_KEYS = ('name', 'model_type')
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot_blur', 'dataroot_sharp', 'meta_info_file')
@@ -138,7 +137,7 @@ def _check_numbers(opt, model, source):
         optim = (opt.get('train') or {}).get(option)
         if isinstance(optim, dict) and 'lr' in optim:
             lr = optim['lr']
-            if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or lr < 0:
+            if not is_number(lr) or lr < 0:
                 hint = ' (YAML reads 2e-4 as text: write !!float 2e-4 or 0.0002)' if isinstance(lr, str) else ''
                 raise UserError(f'{source}: train.{option}.lr must be a number >= 0, got {lr!r}{hint}')
 

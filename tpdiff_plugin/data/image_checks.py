@@ -126,10 +126,10 @@ def _oversize(source, max_pixels):
     return f'{w}x{h} ({w * h / 1e6:.0f} MP)' if w * h > max_pixels else None
 
 
-def check_declared_size(path, max_pixels):
-    """Refuse, before decoding, an image whose header declares more than ``max_pixels`` pixels (a decompression
-    bomb, or a photo too large for memory): ValueError with the declared size."""
-    size = _oversize(path, max_pixels)
+def check_declared_size(source, max_pixels):
+    """Refuse, before decoding, an image (a path or a file object) whose header declares more than ``max_pixels``
+    pixels (a decompression bomb, or a photo too large for memory): ValueError with the declared size."""
+    size = _oversize(source, max_pixels)
     if size is not None:
         raise ValueError(f'its header declares {size}, over the limit of {max_pixels / 1e6:.0f} MP '
                          '(--max-megapixels); not decoded')

@@ -7,11 +7,7 @@ naming it.
 import torch
 
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.utils.option_files import check_int
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from tpdiff_plugin.utils.option_files import check_int, is_number
 
 
 def int_option(train_opt, key, default, minimum=1):

@@ -19,6 +19,7 @@ read or decoded is reported and skipped; the others are still processed, a summa
 and the exit code is 1.
 """
 import glob
+import io
 import os
 
 import cv2
@@ -26,14 +27,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, check_declared_size
+from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, MAX_PIXELS, check_declared_size
 from tpdiff_plugin.inference import Deblurrer, check_tiling, image_to_tensor, tensor_to_image
 from tpdiff_plugin.utils.errors import UserError
 
 COMMAND = 'deblur'
 HELP = 'Deblur images (files, folders or globs) of any size with a trained TP-Diff checkpoint, tiled.'
 GLOB_CHARS = '*?['
-DEFAULT_MAX_MEGAPIXELS = 150  # 150 MP: 1.8 GB as float32 RGB, the input tensor tiling starts from
+DEFAULT_MAX_MEGAPIXELS = MAX_PIXELS / 1e6  # 150 MP, the dataset limit: 1.8 GB as the float32 RGB input of tiling
 
 
 def add_arguments(parser):
@@ -112,7 +113,7 @@ def plan_outputs(inputs, output, single_file_arg):
     return pairs
 
 
-def read_image(path, max_pixels=DEFAULT_MAX_MEGAPIXELS * 1e6):
+def read_image(path, max_pixels=MAX_PIXELS):
     """Decode ``path`` (any bit depth OpenCV reads) to an RGB(A) / gray array; raises ValueError with a reason.
 
     An image whose header declares more than ``max_pixels`` is refused before it is decoded."""
@@ -122,7 +123,7 @@ def read_image(path, max_pixels=DEFAULT_MAX_MEGAPIXELS * 1e6):
         raise ValueError(f'cannot read ({e.strerror})') from None
     if data.size == 0:
         raise ValueError('empty file')
-    check_declared_size(path, max_pixels)
+    check_declared_size(io.BytesIO(data), max_pixels)  # the bytes already read, header only
     try:
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:  # OpenCV's own size limit, or a header it rejects

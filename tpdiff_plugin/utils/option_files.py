@@ -1,5 +1,5 @@
 """Reading a BasicSR options file: YAML with one-line errors, upstream's ``--force_yml`` overrides, and the
-integer check every option shares. What the keys mean is checked in ``tpdiff_plugin/option_check.py``.
+number and integer checks every option shares. What the keys mean is checked in ``tpdiff_plugin/option_check.py``.
 """
 import yaml
 
@@ -52,6 +52,11 @@ def apply_force_yml(opt, entries, source):
             else:
                 node = node[key]
     return opt
+
+
+def is_number(value):
+    """An int or float option value (YAML's numbers), ``true``/``false`` excluded."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_int(value, option, minimum, source):
