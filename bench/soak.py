@@ -50,24 +50,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def soak_options(data, name, args):
-    """``options/demo/stage1.yml`` shrunk to a seconds-long run that validates and saves often."""
-    with open(os.path.join(REPO, 'options', 'demo', 'stage1.yml'), encoding='utf-8') as f:
+def shrunk_demo_options(data, name, total_iter, save_every, val_every=None, stage_file='demo/stage1.yml'):
+    """``options/<stage_file>`` shrunk to seconds: 32 px patches, 2 per batch, 4-channel networks, a checkpoint
+    every ``save_every`` iterations, validation every ``val_every`` (None: no validation). ``data`` is a demo
+    set built by ``tpdiff make-demo``; its training set has 35 blurry images, so one epoch is 17 iterations
+    (drop_last). The reliability tests (``tests/test_determinism.py``) train this experiment too."""
+    with open(os.path.join(REPO, 'options', stage_file), encoding='utf-8') as f:
         opt = yaml.safe_load(f)
     opt['name'] = name
     train = opt['datasets']['train']
     train.update(dataroot_blur=os.path.join(data, 'train_blur.lmdb'), dataroot_sharp=os.path.join(data, 'train_sharp.lmdb'),
                  gt_size=32, batch_size_per_gpu=2, dataset_enlarge_ratio=1, num_worker_per_gpu=0)
-    val = opt['datasets']['val']
-    val.update(dataroot_gt=os.path.join(data, 'val_sharp.lmdb'), dataroot_lq=os.path.join(data, 'val_blur.lmdb'))
+    if val_every is None:
+        opt['datasets'].pop('val', None)
+        opt.pop('val', None)
+    else:
+        opt['datasets']['val'].update(dataroot_gt=os.path.join(data, 'val_sharp.lmdb'),
+                                      dataroot_lq=os.path.join(data, 'val_blur.lmdb'))
+        opt['val'].update(val_freq=val_every, save_img=False)
     opt['network_g'].update(dim=4, dm_feats=8, dm_timesteps=4, prior_ch=8, prior_hidden=4)
     opt['network_tpe'].update(prior_ch=8, mem_slots=8, enc_ch=4)
     for key in ('network_d_sharp', 'network_d_blur', 'network_d_wave'):
         opt[key].update(base_ch=4, num_layers=2)
     opt['network_rb'].update(base_ch=4, num_levels=2)
-    opt['train'].update(total_iter=args.iters, pool_size=3)
-    opt['val'].update(val_freq=args.val_every, save_img=False)
-    opt['logger'].update(print_freq=1, save_checkpoint_freq=args.save_every, use_tb_logger=False)
+    opt['train'].update(total_iter=total_iter, pool_size=3)
+    opt['logger'].update(print_freq=1, save_checkpoint_freq=save_every)
     return opt
 
 
@@ -155,7 +162,7 @@ def main(argv=None):
         os.makedirs(root, exist_ok=True)
         path = os.path.join(root, f'{name}.yml')
         with open(path, 'w', encoding='utf-8') as f:
-            yaml.safe_dump(soak_options(data, name, args), f)
+            yaml.safe_dump(shrunk_demo_options(data, name, args.iters, args.save_every, args.val_every), f)
         runs[name] = (root, path, os.path.join(root, 'experiments', name))
 
     t0 = time.time()

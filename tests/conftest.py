@@ -1,5 +1,6 @@
 """Shared test helpers: every test runs on CPU with tiny configs."""
 import copy
+import importlib.util
 import os
 import socket
 import subprocess
@@ -14,6 +15,15 @@ from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def bench_module(name):
+    """The script ``bench/<name>.py`` imported as a module (bench/ is not a package: loaded by path, so that its
+    generic names, e.g. ``run``, never shadow anything on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', REPO / 'bench' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 torch.set_flush_denormal(True)
 

@@ -6,15 +6,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cmd
+from conftest import REPO, bench_module, run_cmd
 
 
 def test_bench_quick_prints_every_row(tmp_path):
-    sys.path.insert(0, str(REPO / 'bench'))
-    try:
-        from run import ROW_NAMES
-    finally:
-        sys.path.remove(str(REPO / 'bench'))
+    ROW_NAMES = bench_module('run').ROW_NAMES
     out = tmp_path / 'bench.json'
     res = run_cmd([sys.executable, str(REPO / 'bench' / 'run.py'), '--quick', '--json', str(out)], cwd=tmp_path,
                   timeout=300)

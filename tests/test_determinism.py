@@ -8,31 +8,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_cmd
+from conftest import bench_module, run_cmd
 from tpdiff_plugin.data.demo_set import build_demo
 
 LOSS_LINE = re.compile(r'iter:\s+(\d+), lr:.*?\]\s+(l_.*)$')
 
 
 def tiny_options(data, name, total_iter=20, save_freq=5, stage_file='demo/stage1.yml'):
-    """options/demo/stage1.yml shrunk to seconds: 32 px patches, 2 per batch, 4-channel nets, no validation.
-
-    The demo training set has 35 blurry images, so one epoch is 17 iterations (drop_last)."""
-    opt = yaml.safe_load((REPO / 'options' / stage_file).read_text())
-    opt['name'] = name
-    train = opt['datasets']['train']
-    train.update(dataroot_blur=str(data / 'train_blur.lmdb'), dataroot_sharp=str(data / 'train_sharp.lmdb'),
-                 gt_size=32, batch_size_per_gpu=2, dataset_enlarge_ratio=1, num_worker_per_gpu=0)
-    opt['datasets'].pop('val', None)
-    opt.pop('val', None)
-    opt['network_g'].update(dim=4, dm_feats=8, dm_timesteps=4, prior_ch=8, prior_hidden=4)
-    opt['network_tpe'].update(prior_ch=8, mem_slots=8, enc_ch=4)
-    for key in ('network_d_sharp', 'network_d_blur', 'network_d_wave'):
-        opt[key].update(base_ch=4, num_layers=2)
-    opt['network_rb'].update(base_ch=4, num_levels=2)
-    opt['train'].update(total_iter=total_iter, pool_size=3)
-    opt['logger'].update(print_freq=1, save_checkpoint_freq=save_freq)
-    return opt
+    """The demo options shrunk to seconds, no validation (``bench/soak.py``'s experiment, its one home)."""
+    return bench_module('soak').shrunk_demo_options(str(data), name, total_iter, save_freq, stage_file=stage_file)
 
 
 @pytest.fixture(scope='session')
