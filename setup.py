@@ -1,12 +1,16 @@
 """tpdiff-plugin: TP-Diff unpaired blind motion deblurring as a BasicSR plugin."""
+import re
+
 from setuptools import find_packages, setup
 
 with open('README.md', encoding='utf-8') as f:
     long_description = f.read()
+with open('tpdiff_plugin/version.py', encoding='utf-8') as f:  # not imported: the package imports torch
+    version = re.search(r"__version__ = '([^']+)'", f.read()).group(1)
 
 setup(
     name='tpdiff_plugin',
-    version='0.1.0',
+    version=version,
     description='TP-Diff: unpaired blind motion deblurring with a diffusion texture prior, for BasicSR',
     long_description=long_description,
     long_description_content_type='text/markdown',

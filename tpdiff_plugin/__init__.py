@@ -19,8 +19,8 @@ compat.apply()
 
 from tpdiff_plugin import archs, data, losses, models  # noqa: E402  (after the mends)
 from tpdiff_plugin.registry import register_archs_with_mmengine  # noqa: E402
+from tpdiff_plugin.version import __version__  # noqa: E402,F401
 
-__version__ = '0.1.0'
 MMENGINE_NAMES = register_archs_with_mmengine(archs._modules)
 
 
