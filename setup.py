@@ -17,6 +17,10 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.9',
     packages=find_packages(include=['tpdiff_plugin', 'tpdiff_plugin.*']),
+    # The options files ship inside the package (`tpdiff options list|copy`, packaged names for -opt); the
+    # repository's top-level `options/` is a link to this folder, so the documented paths work in a clone too.
+    package_data={'tpdiff_plugin': ['options/*.yml', 'options/*/*.yml', 'options/README.md']},
+    include_package_data=False,
     # Ranges, not pins: the plugin must not fight the user's environment. The tested pins live in
     # requirements.txt. basicsr is listed without its own setup_requires problem in mind: install it
     # with `pip install --no-build-isolation basicsr==1.4.2` first (see README). mmengine is optional
