@@ -1,13 +1,17 @@
 """utils/checkpoint.py: the one reader / writer of checkpoints."""
 import os
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tpdiff_plugin.utils.checkpoint import (atomic_torch_save, check_finite, check_fit, load_network_file,
-                                            pick_params, save_networks)
+from conftest import tiny_net, tiny_net_opts
+from tpdiff_plugin.utils.checkpoint import (atomic_torch_save, check_finite, check_fit, load_network_file, logger,
+                                            network_options, pick_params, save_networks)
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.version import __version__
 
 
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
@@ -106,3 +110,47 @@ def test_odd_keys_and_complex_nan_give_one_line():
     assert '\n' not in str(info.value)
     with pytest.raises(UserError, match='holds 1 NaN/Inf'):  # complex tensors were not checked
         check_finite({'w': torch.tensor([1 + 1j, complex('nan')])}, 'x.pth')
+
+
+# ------------------------------------------------------------------ network options stored next to params
+def test_saved_checkpoint_carries_its_network_options_and_the_version(tmp_path):
+    net = tiny_net(seed=0)
+    # as basicsr's YAML loader and code give it: an OrderedDict, a tuple, a numpy number
+    block = OrderedDict(tiny_net_opts(num_blocks=(1, 1, 1, 1), dim=np.int64(4)))
+    path = tmp_path / 'net_g_5.pth'
+    save_networks([net, tiny_net(seed=1)], ['params', 'params_ema'], path, network_opt=block)
+    ckpt = torch.load(path, weights_only=True)  # plain types only: the safe loader reads it
+    assert set(ckpt) == {'params', 'params_ema', 'network_opt', 'tpdiff_version'}
+    assert ckpt['tpdiff_version'] == __version__
+    assert ckpt['network_opt'] == tiny_net_opts() and type(ckpt['network_opt']) is dict
+    assert type(ckpt['network_opt']['dim']) is int and type(ckpt['network_opt']['num_blocks']) is list
+    assert network_options(ckpt, str(path)) == tiny_net_opts()
+    # upstream basicsr's load_network indexes the file with its param_key: unchanged
+    fresh = tiny_net(seed=2)
+    fresh.load_state_dict(torch.load(path, map_location='cpu')['params'])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    # and ours still picks params_ema
+    assert pick_params(ckpt, str(path))[1] == 'params_ema'
+
+
+def test_network_options_of_old_and_damaged_checkpoints(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logger, 'propagate', True)  # basicsr's logger does not propagate to caplog once set up
+    net = nn.Conv2d(3, 4, 3)
+    path = tmp_path / 'net.pth'
+    save_networks([net], ['params'], path)  # no options block: the entry is left out
+    assert set(torch.load(path, weights_only=True)) == {'params', 'tpdiff_version'}
+    assert network_options(torch.load(path, weights_only=True), 'net.pth') is None
+    assert network_options({'params': net.state_dict()}, 'old.pth') is None  # saved before options were stored
+    with pytest.raises(UserError, match=r'x.pth: the stored "network_opt" is not a network options block'):
+        network_options({'params': {}, 'network_opt': ['TPDiffNet']}, 'x.pth')
+    # a block with values that are no options (built in code): the weights are still saved, with a warning
+    save_networks([net], ['params'], path, network_opt={'type': 'Conv', 'act': nn.ReLU()})
+    assert set(torch.load(path, weights_only=True)) == {'params', 'tpdiff_version'}
+    assert 'network options not stored' in caplog.text and 'ReLU is not an options value' in caplog.text
+
+
+def test_load_network_file_uses_a_checkpoint_already_read(tmp_path):
+    src, dst = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+    ckpt = {'params': src.state_dict()}
+    assert load_network_file(dst, str(tmp_path / 'never_written.pth'), '--weights', ckpt=ckpt) == 'params'
+    assert torch.equal(dst.weight, src.weight)

@@ -9,6 +9,17 @@ Every ``.pth`` / ``.state`` the plugin touches goes through here: basicsr's ``Ba
 - Writing is atomic (temporary file in the same folder, fsync, rename, fsync of the folder), so a kill at
   any moment leaves either the old file or the complete new one. torch has no atomic save of its own.
 
+A network checkpoint we write is basicsr's ``{param_key: state dict}`` (``params``, and ``params_ema`` for
+an EMA copy) plus two entries, so that the file says which network it holds:
+
+- ``network_opt``: the options block the network was built from (e.g. the model's ``network_g``), as
+  plain YAML types (dict, list, str, int, float, bool, None). Omitted when the model has no matching
+  ``network_*`` block. Read it back with :func:`network_options`.
+- ``tpdiff_version``: the plugin version that wrote the file (``tpdiff_plugin/version.py``).
+
+Upstream basicsr indexes the file with its ``param_key`` and never sees the two extra entries, and both
+load with ``weights_only=True``.
+
 Test hook (tests only): with ``TPDIFF_TEST_KILL_DURING_SAVE=<file name>`` in the environment,
 :func:`atomic_torch_save` SIGKILLs its own process after writing that file's temporary copy and before
 the rename, i.e. in the middle of a save (``tests/test_crash_resume.py``).
@@ -17,12 +28,19 @@ import contextlib
 import errno
 import glob
 import logging
+import numbers
 import os
 import signal
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.version import __version__
+
+NETWORK_OPT_KEY = 'network_opt'  # the network's options block, stored next to its params
+VERSION_KEY = 'tpdiff_version'  # the plugin version that wrote the checkpoint
 
 # basicsr's logger name: get_root_logger() is logging.getLogger('basicsr') with basicsr's handlers
 logger = logging.getLogger('basicsr')
@@ -97,6 +115,20 @@ def pick_params(ckpt, path, param_key=None, fallback_to_params=False):
     return {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}, key
 
 
+def network_options(ckpt, path):
+    """The network options block stored in a checkpoint read by :func:`read_checkpoint` (a mapping with a
+    ``type``, as in an options file's ``network_g``), or None for a checkpoint saved without one (before
+    checkpoints carried them, or not by this plugin). A stored entry that is not such a block is a one-line
+    UserError naming ``path``."""
+    if not isinstance(ckpt, dict) or NETWORK_OPT_KEY not in ckpt:
+        return None
+    block = ckpt[NETWORK_OPT_KEY]
+    if not isinstance(block, dict) or not isinstance(block.get('type'), str):
+        raise UserError(f'{path}: the stored "{NETWORK_OPT_KEY}" is not a network options block (a mapping with '
+                        f'a "type"), got {type(block).__name__}; pass the network options explicitly')
+    return block
+
+
 def check_finite(state, path):
     """A one-line UserError naming the first tensor of ``state`` that holds NaN or Inf (a diverged or corrupted
     checkpoint would otherwise load and make images of NaN)."""
@@ -134,12 +166,15 @@ def check_fit(net, state, path, hint):
 
 
 def load_network_file(net, path, what, param_key=None, strict=True, fallback_to_params=False,
-                      hint='check the network options'):
+                      hint='check the network options', ckpt=None):
     """Read ``path``, pick its state dict (:func:`pick_params`), refuse non-finite values and load it into ``net``.
 
     ``strict``: the state must fit ``net`` exactly (else a UserError, see :func:`check_fit`); non-strict
-    loading keeps torch's rules (matching names only) and logs what was left out. Returns the key used."""
-    state, key = pick_params(read_checkpoint(path, what), path, param_key, fallback_to_params)
+    loading keeps torch's rules (matching names only) and logs what was left out. ``ckpt``: the checkpoint
+    already read from ``path`` (it is then not read again). Returns the key used."""
+    if ckpt is None:
+        ckpt = read_checkpoint(path, what)
+    state, key = pick_params(ckpt, path, param_key, fallback_to_params)
     check_finite(state, path)
     logger.info(f'Loading {type(net).__name__} model from {path}, with param key: [{key}].')
     if strict:
@@ -202,11 +237,40 @@ def atomic_torch_save(obj, path):
             os.close(dir_fd)
 
 
-def save_networks(nets, param_keys, path):
+def plain_options(value):
+    """A copy of an options value in plain YAML types (dict, list, str, int, float, bool, None), which
+    ``torch.load(weights_only=True)`` reads back: ``OrderedDict`` becomes dict, tuples lists, numpy scalars
+    Python numbers. Anything else is a TypeError."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f'option key {bad[0]!r} is not a name')
+        return {k: plain_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_options(v) for v in value]
+    raise TypeError(f'{type(value).__name__} is not an options value')
+
+
+def save_networks(nets, param_keys, path, network_opt=None):
     """Write basicsr's network checkpoint ``{param_key: state dict}`` for bare ``nets`` atomically (tensors on
-    the CPU, no ``module.`` prefix)."""
+    the CPU, no ``module.`` prefix), with the plugin version and ``network_opt`` (the options block the
+    networks were built from, if given; see the module docstring)."""
     save_dict = {}
     for net, key in zip(nets, param_keys):
         state = net.state_dict()
         save_dict[key] = {(k[7:] if k.startswith('module.') else k): v.cpu() for k, v in state.items()}
+    if network_opt is not None:
+        try:
+            save_dict[NETWORK_OPT_KEY] = plain_options(network_opt)
+        except TypeError as e:  # a block built in code with odd values: the weights still matter more
+            logger.warning(f'{path}: network options not stored in the checkpoint ({e})')
+    save_dict[VERSION_KEY] = __version__
     atomic_torch_save(save_dict, path)
