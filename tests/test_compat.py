@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from basicsr.models import build_model
 from tpdiff_plugin import compat
 from tpdiff_plugin.utils import checkpoint, resume
+from tpdiff_plugin.version import __version__
 
 from conftest import free_port  # noqa: E402
 
@@ -257,3 +259,29 @@ def test_cuda_prefetch_falls_back_to_cpu_without_gpu():
     assert opt['datasets']['train']['prefetch_mode'] is None
     untouched = {'num_gpu': 0, 'datasets': {'train': {'prefetch_mode': 'cpu'}}}
     assert compat.cpu_prefetch_fallback(untouched)['datasets']['train']['prefetch_mode'] == 'cpu'
+
+
+# 6. checkpoints: network checkpoints carry their options, upstream still loads them --------------
+
+def test_save_network_stores_the_options_block_and_upstream_load_network_still_reads_it(tmp_path):
+    net_g = {'type': 'SRVGGNetCompact', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_conv': 2, 'upscale': 1}
+    opt = {'name': 'x', 'model_type': 'SRModel', 'num_gpu': 0, 'dist': False, 'rank': 0, 'world_size': 1,
+           'is_train': False, 'scale': 1, 'network_g': dict(net_g),
+           'path': {'models': str(tmp_path), 'pretrain_network_g': None}}
+    torch.manual_seed(0)
+    model = build_model(opt)
+    model.save_network([model.net_g, model.net_g], 'net_g', 7, param_key=['params', 'params_ema'])
+    ckpt = torch.load(tmp_path / 'net_g_7.pth', weights_only=True)
+    assert set(ckpt) == {'params', 'params_ema', 'network_opt', 'tpdiff_version'}
+    assert ckpt['network_opt'] == net_g and ckpt['tpdiff_version'] == __version__
+    # upstream's own BaseModel.load_network (as before mend 6) loads the file with each param_key
+    torch.manual_seed(1)
+    other = build_model(opt)
+    for key in ('params', 'params_ema'):
+        other.net_g.apply(lambda m: torch.nn.init.zeros_(m.weight) if hasattr(m, 'weight') else None)
+        compat.ORIGINALS['load_network'](other, other.net_g, str(tmp_path / 'net_g_7.pth'), True, key)
+        for (name, a), b in zip(model.net_g.state_dict().items(), other.net_g.state_dict().values()):
+            assert torch.equal(a, b), (key, name)
+    # a label with no network_* block in the options: the file holds no options, the rest as before
+    model.save_network(model.net_g, 'net_extra', -1)
+    assert set(torch.load(tmp_path / 'net_extra_latest.pth', weights_only=True)) == {'params', 'tpdiff_version'}

@@ -22,7 +22,8 @@ Reliability mends, whose machinery lives in ``utils/`` (this module only install
 
 6. ``BaseModel.load_network`` calls ``torch.load`` without ``weights_only``, and ``save_network`` /
    ``save_training_state`` can leave a torn file when killed mid-save. They go through
-   ``utils/checkpoint.py`` (``weights_only=True``, one-line errors, atomic writes).
+   ``utils/checkpoint.py`` (``weights_only=True``, one-line errors, atomic writes); network checkpoints
+   also carry their network's options block, so that ``tpdiff deblur --weights`` needs no ``--opt``.
 7. Resume assumes CUDA, can pick a ``.state`` whose networks were never written and restarts the
    interrupted epoch from its first batch: ``utils/resume.py`` makes it exact on CPU (mend 2 is its
    ``load_resume_state``; the train dataloader and sampler are wrapped to continue the epoch).
@@ -113,15 +114,19 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
 
 
 def _save_network(self, net, net_label, current_iter, param_key='params'):
-    """Mend 6: upstream ``BaseModel.save_network``, written atomically."""
+    """Mend 6: upstream ``BaseModel.save_network``, written atomically. The file also carries the options
+    block the network was built from (``net_g`` -> ``network_g``, ``net_d_sharp`` -> ``network_d_sharp``)
+    and the plugin version; upstream's ``load_network`` reads it as before (see ``utils/checkpoint.py``)."""
     if current_iter == -1:
         current_iter = 'latest'
     nets = net if isinstance(net, list) else [net]
     keys = param_key if isinstance(param_key, list) else [param_key]
     if len(nets) != len(keys):
         raise ValueError('save_network: the lengths of net and param_key should be the same')
+    block = self.opt.get('network_' + net_label[4:]) if net_label.startswith('net_') else None
     checkpoint.save_networks([self.get_bare_model(n) for n in nets], keys,
-                             os.path.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth'))
+                             os.path.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth'),
+                             network_opt=block if isinstance(block, dict) and 'type' in block else None)
 
 
 def _save_training_state(self, epoch, current_iter):

@@ -320,8 +320,13 @@ def test_ema_copy_is_saved_and_used_for_validation(tmp_path):
         assert not torch.equal(p, g[name])  # half-way between the old and the new weights
     model.save(0, 1)
     saved = torch.load(os.path.join(opt['path']['models'], 'net_g_1.pth'), weights_only=True)
-    assert set(saved) == {'params', 'params_ema'}
+    assert set(saved) == {'params', 'params_ema', 'network_opt', 'tpdiff_version'}
     assert _states_equal(saved['params_ema'], model.net_g_ema.state_dict())
+    # each checkpoint carries the options block its network was built from (issue 15 item 2)
+    assert saved['network_opt'] == opt['network_g']
+    for label in ('rb', 'd_sharp', 'd_wave'):
+        saved = torch.load(os.path.join(opt['path']['models'], f'net_{label}_1.pth'), weights_only=True)
+        assert saved['network_opt'] == opt[f'network_{label}'], label
 
 
 # ------------------------------------------------------------------ training options beyond the paper's
