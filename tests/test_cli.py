@@ -34,8 +34,35 @@ def test_basicsr_help_and_unknown_command(cli_runner, tmp_path):
 def test_missing_options_file_is_one_line(cli_runner, tmp_path):
     res = cli_runner(['basicsr', 'train', '-opt', 'nope.yml'], cwd=tmp_path)
     assert res.returncode == 2
-    assert res.stderr.strip() == 'error: -opt: no such options file: nope.yml'
+    assert res.stderr.strip() == ('error: -opt: no such options file: nope.yml (nor a packaged options name; '
+                                  '`tpdiff options list` shows them)')
     assert not (tmp_path / 'experiments').exists()
+
+
+def test_opt_takes_a_packaged_name_and_a_local_file_wins(tmp_path, monkeypatch):
+    """`basicsr train -opt demo/stage1` (or the documented options/demo/stage1.yml) outside a clone reads the
+    packaged file: the wrapper puts its path into the arguments upstream parses."""
+    monkeypatch.chdir(tmp_path)
+    packaged = Path(cli.__file__).parent / 'options' / 'demo' / 'stage1.yml'
+    for name in ('demo/stage1', 'options/demo/stage1.yml'):
+        argv = ['-opt', name, '--auto_resume']
+        with pytest.raises(UserError, match='dataroot'):  # resolved, then checked: no demo set in this folder
+            cli._check_opt_file(argv)
+        assert argv == ['-opt', str(packaged), '--auto_resume']
+    local = tmp_path / 'options' / 'demo' / 'stage1.yml'
+    local.parent.mkdir(parents=True)
+    local.write_text('name: mine\nmodel_type: TPDiffModel\nnum_gpu: 0\nstage: 1\n')
+    argv = ['-opt', 'options/demo/stage1.yml']
+    cli._check_opt_file(argv)
+    assert argv[1] == 'options/demo/stage1.yml'
+
+
+def test_version(cli_runner, tmp_path):
+    from tpdiff_plugin.version import __version__
+    for prog in ('tpdiff', 'basicsr'):
+        res = cli_runner([prog, '--version'], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith(f'tpdiff-plugin {__version__} (basicsr 1.4.2, torch ')
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path, capsys):

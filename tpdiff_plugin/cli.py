@@ -4,6 +4,8 @@
 ``basicsr test -opt X.yml`` run upstream ``basicsr.train.train_pipeline`` /
 ``basicsr.test.test_pipeline`` unchanged, with arguments parsed by upstream, so upstream docs
 apply. Experiments, results and tb_logger folders are created under the current directory.
+``-opt`` also takes a packaged options name (``tpdiff options list``): the wrapper replaces it with the
+packaged file's path before upstream parses the arguments, so upstream's parser is not patched.
 
 ``tpdiff <tool>`` runs the plugin's own tools. Each tool is a module in ``tpdiff_plugin.tools``
 defining ``COMMAND`` (its name), ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``,
@@ -16,10 +18,11 @@ import sys
 
 from tpdiff_plugin.option_check import validate_options
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.utils.option_files import apply_force_yml, load_options_file
+from tpdiff_plugin.utils.option_files import apply_force_yml, find_options_file, load_options_file
+from tpdiff_plugin.version import __version__
 
 # Modules under tpdiff_plugin.tools that provide a `tpdiff` sub-command, in --help order.
-TOOL_MODULES = ['make_lmdb', 'make_demo', 'info', 'deblur', 'compare', 'report']
+TOOL_MODULES = ['make_lmdb', 'make_demo', 'options', 'info', 'deblur', 'compare', 'report']
 
 
 def _fail(message, code=2):
@@ -52,16 +55,15 @@ def _force_yml_entries(argv):
 
 
 def _check_opt_file(argv):
-    """Fail early, with one line, on a missing or unreadable ``-opt`` file (upstream would raise deep).
+    """Resolve ``-opt`` (a file, or a packaged options name) in ``argv`` in place, and fail early, with one
+    line, on a missing or unreadable options file (upstream would raise deep).
 
     ``--force_yml`` overrides are applied first, as upstream applies them, so that a path fixed on the
     command line is the one checked.
     """
     for i, a in enumerate(argv):
         if a == '-opt' and i + 1 < len(argv):
-            path = argv[i + 1]
-            if not os.path.isfile(path):
-                raise UserError(f'-opt: no such options file: {path}')
+            path = argv[i + 1] = find_options_file(argv[i + 1])
             opt = apply_force_yml(load_options_file(path), _force_yml_entries(argv), path)
             validate_options(opt, path)
 
@@ -104,11 +106,14 @@ def _close_process_group(wait_for_others):
 def basicsr_main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = ('usage: basicsr {train,test} -opt OPTIONS.yml [--auto_resume] [--launcher {none,pytorch,slurm}] '
-             '[--force_yml KEY=VALUE ...] [--debug]')
+             '[--force_yml KEY=VALUE ...] [--debug]   |   basicsr --version')
     if not argv or argv[0] in ('-h', '--help'):
         print(usage)
         print('\nRuns upstream basicsr.train.train_pipeline / basicsr.test.test_pipeline with tpdiff-plugin '
               'registered.\nExperiments and results are written under the current directory.')
+        return 0
+    if argv[0] == '--version':
+        print(version_line())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in ('train', 'test'):
@@ -118,6 +123,13 @@ def basicsr_main(argv=None):
     except UserError as e:
         return _fail(str(e))
     return 0
+
+
+def version_line():
+    """``tpdiff-plugin X (basicsr Y, torch Z)``: what a bug report needs first."""
+    import basicsr
+    import torch
+    return f'tpdiff-plugin {__version__} (basicsr {getattr(basicsr, "__version__", "?")}, torch {torch.__version__})'
 
 
 def _load_tools():
@@ -133,6 +145,7 @@ def _load_tools():
 
 def tpdiff_main(argv=None):
     parser = argparse.ArgumentParser(prog='tpdiff', description='tpdiff-plugin tools (TP-Diff for BasicSR).')
+    parser.add_argument('--version', action='version', version=version_line())
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for tool in _load_tools():
         p = sub.add_parser(tool.COMMAND, help=tool.HELP, description=tool.HELP)

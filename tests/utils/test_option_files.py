@@ -31,3 +31,18 @@ def test_options_of_the_wrong_shape_are_named(change, match):
     opt = {'name': 'x', 'model_type': 'TPDiffModel', 'num_gpu': 0, **change}
     with pytest.raises(UserError, match=match):
         validate_options(opt, 'x.yml')
+
+
+def test_find_options_file_prefers_a_file_then_a_packaged_name(tmp_path, monkeypatch):
+    from tpdiff_plugin.utils.option_files import find_options_file, packaged_options
+    monkeypatch.chdir(tmp_path)
+    stage2 = packaged_options()['tpdiff_stage2']
+    for value in ('tpdiff_stage2', 'tpdiff_stage2.yml', 'options/tpdiff_stage2.yml', './options/tpdiff_stage2.yml'):
+        assert find_options_file(value) == stage2
+    (tmp_path / 'tpdiff_stage2.yml').write_text('name: mine\n')
+    assert find_options_file('tpdiff_stage2.yml') == 'tpdiff_stage2.yml'  # a file that exists always wins
+    assert find_options_file('tpdiff_stage2') == stage2
+    with pytest.raises(UserError, match=r'^--opt: no such options file: demo/stage9 \(nor a packaged'):
+        find_options_file('demo/stage9', '--opt')
+    with pytest.raises(UserError, match='no such options file'):
+        find_options_file('../options/demo/stage1')  # only names inside the packaged folder

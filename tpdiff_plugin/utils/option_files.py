@@ -1,9 +1,57 @@
 """Reading a BasicSR options file: YAML with one-line errors, upstream's ``--force_yml`` overrides, and the
 number and integer checks every option shares. What the keys mean is checked in ``tpdiff_plugin/option_check.py``.
+
+The options files ship inside the package (``tpdiff_plugin/options``; a clone's top-level ``options/`` links
+to it). :func:`find_options_file` lets every place that takes an options path also take a *packaged name*:
+``tpdiff_stage2``, ``demo/stage1.yml``, or a documented path such as ``options/demo/stage1.yml`` run from a
+folder that has no such file. A file that exists always wins.
 """
+import os
+
 import yaml
 
 from tpdiff_plugin.utils.errors import UserError, read_bytes
+
+
+PACKAGED_OPTIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'options')
+OPTIONS_EXTENSIONS = ('.yml', '.yaml')
+
+
+def packaged_options():
+    """``{name: file}`` for every options file shipped with the plugin; a name is its path under the packaged
+    folder, ``/``-separated, without ``.yml`` (e.g. ``demo/stage1``), sorted."""
+    found = {}
+    for folder, dirs, files in os.walk(PACKAGED_OPTIONS_DIR):
+        dirs.sort()
+        for file in sorted(files):
+            if file.endswith(OPTIONS_EXTENSIONS):
+                rel = os.path.relpath(os.path.join(folder, file), PACKAGED_OPTIONS_DIR)
+                found[os.path.splitext(rel)[0].replace(os.sep, '/')] = os.path.join(folder, file)
+    return dict(sorted(found.items()))
+
+
+def packaged_name(value):
+    """The packaged name ``value`` would mean (``options/`` prefix, ``./`` and the extension dropped)."""
+    name = str(value).replace('\\', '/')
+    while name.startswith('./'):
+        name = name[2:]
+    if name.startswith('options/'):
+        name = name[len('options/'):]
+    root, ext = os.path.splitext(name)
+    return root if ext in OPTIONS_EXTENSIONS else name
+
+
+def find_options_file(value, what='-opt'):
+    """The options file ``value`` names: the path itself when it is a file, else the packaged file of that name
+    (see the module docstring); else a UserError naming ``what`` and pointing to ``tpdiff options list``."""
+    path = os.fspath(value)
+    if os.path.isfile(path):
+        return path
+    packaged = packaged_options().get(packaged_name(path))
+    if packaged is not None:
+        return packaged
+    raise UserError(f'{what}: no such options file: {path} (nor a packaged options name; '
+                    '`tpdiff options list` shows them)')
 
 
 def load_options_file(path):
