@@ -11,6 +11,7 @@ from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 from tpdiff_plugin.inference import (Deblurrer, axis_windows, build_restorer, check_tiling, load_weights, run_tiled,
                                      tile_starts)
+from tpdiff_plugin.utils.checkpoint import save_networks
 from tpdiff_plugin.utils.errors import UserError
 
 
@@ -200,6 +201,41 @@ def test_from_checkpoint_prefers_params_ema_and_strips_ddp_prefixes(tmp_path):
     path = tmp_path / 'opt.yml'
     path.write_text(yaml.safe_dump(opt))
     assert isinstance(build_restorer(str(path)), TPDiffNet)
+
+
+def test_from_checkpoint_builds_the_network_the_checkpoint_carries(tmp_path, monkeypatch):
+    """Issue 15 item 2: no opt needed for a checkpoint we saved; an explicit opt still wins."""
+    a, b = _tiny(seed=0), _tiny(seed=1)
+    x = torch.rand(1, 3, 24, 24)
+    ckpt = tmp_path / 'net_g_10.pth'
+    save_networks([a, b], ['params', 'params_ema'], ckpt, network_opt=tiny_net_opts())
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *args, **kw: reads.append(args[0]) or load(*args, **kw))
+    d = Deblurrer.from_checkpoint(ckpt, seed=0)
+    assert reads == [str(ckpt)]  # the options and the weights come from one read
+    torch.testing.assert_close(d(x), Deblurrer(b, seed=0)(x), rtol=0, atol=0)
+    # an explicit opt wins over the stored options: a mismatching one does not fit
+    with pytest.raises(UserError, match=r'does not fit TPDiffNet as configured .*; pass the --opt \(network_g\)'):
+        Deblurrer.from_checkpoint(ckpt, opt={'network_g': tiny_net_opts(dim=6, prior_ch=6)})
+    # stored options that do not build are named as such
+    save_networks([a], ['params'], ckpt, network_opt={'type': 'NoSuchNet'})
+    with pytest.raises(UserError, match=r'net_g_10.pth: network_opt.type: no network named "NoSuchNet"'):
+        Deblurrer.from_checkpoint(ckpt)
+
+
+def test_old_checkpoints_without_stored_options_still_work_with_opt(tmp_path):
+    a = _tiny(seed=0)
+    x = torch.rand(1, 3, 24, 24)
+    old = tmp_path / 'old.pth'
+    torch.save({'params': a.state_dict()}, old)  # as saved before checkpoints carried their options
+    d = Deblurrer.from_checkpoint(old, opt={'network_g': tiny_net_opts()}, seed=0)
+    torch.testing.assert_close(d(x), Deblurrer(a, seed=0)(x), rtol=0, atol=0)
+    with pytest.raises(UserError) as e:  # without opt: the paper-size default, which it does not fit
+        Deblurrer.from_checkpoint(old)
+    msg = str(e.value)
+    assert 'does not fit TPDiffNet' in msg and 'carries no network options' in msg and 'predates' in msg
+    assert '--opt' in msg and '\n' not in msg
 
 
 def test_bad_checkpoints_and_options_raise_one_line_user_errors(tmp_path):

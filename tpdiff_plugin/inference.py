@@ -1,9 +1,10 @@
 """Put a trained TP-Diff to work: the ``Deblurrer`` API and the tiling engine behind ``tpdiff deblur``.
 
 ``Deblurrer.from_checkpoint(weights, opt=None, device='cpu', tile=None, tile_overlap=32, half=False, seed=0)``
-builds the network of ``opt`` (a basicsr options file or mapping with a ``network_g`` block, a bare
-network block, or None for the paper-size ``TPDiffNet``), loads ``params_ema`` (else ``params``) from a
-basicsr checkpoint with ``torch.load(weights_only=True)``, and returns an ``nn.Module``:
+builds the network of ``opt`` (a basicsr options file or mapping with a ``network_g`` block, or a bare
+network block; None: the network options stored in the checkpoint, and for a checkpoint saved without
+them the paper-size ``TPDiffNet``), loads ``params_ema`` (else ``params``) from a basicsr checkpoint with
+``torch.load(weights_only=True)``, and returns an ``nn.Module``:
 
 - ``forward(x [B, 3, H, W] float in [0, 1]) -> [B, 3, H, W]`` in [0, 1], on ``x``'s device, no gradient;
 - ``deblurrer(array)``: an ``HxWx3`` uint8/uint16 RGB array (also ``HxW`` gray or ``HxWx4`` RGBA, whose
@@ -36,13 +37,13 @@ from torch import nn
 from tpdiff_plugin.archs.arch_util import pad_to_multiple
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 from tpdiff_plugin.data.image_checks import PIXEL_PEAKS
-from tpdiff_plugin.utils.checkpoint import load_network_file
+from tpdiff_plugin.utils.checkpoint import NETWORK_OPT_KEY, load_network_file, network_options, read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
 from tpdiff_plugin.utils.option_files import load_options_file
 
-__all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'check_tiling', 'tile_starts', 'axis_windows',
-           'run_tiled', 'image_to_tensor', 'tensor_to_image']
+__all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'restorer_from_checkpoint', 'check_tiling', 'tile_starts',
+           'axis_windows', 'run_tiled', 'image_to_tensor', 'tensor_to_image']
 
 
 # ---------------------------------------------------------------------------------------------- network
@@ -72,15 +73,41 @@ def build_restorer(opt=None, source='--opt', key='network_g'):
     return build_network_block(source, key, block)
 
 
-def load_weights(net, weights, param_key=None):
+HINT_EXPLICIT = 'pass the --opt (network_g) the checkpoint was trained with'
+HINT_STORED = (f'the network options stored in the checkpoint ({NETWORK_OPT_KEY}) do not match its weights; '
+               'pass the --opt (network_g) it was trained with')
+HINT_NONE = ('the checkpoint carries no network options (it predates stored options, or was not saved by '
+             'tpdiff-plugin), so the paper-size TPDiffNet was assumed; pass the --opt (network_g) it was trained with')
+
+
+def load_weights(net, weights, param_key=None, ckpt=None, hint=HINT_EXPLICIT):
     """Load a basicsr checkpoint into ``net``; returns the key used (``params_ema``, ``params`` or None).
 
     ``param_key`` None: ``params_ema`` if present, else ``params``, else the file itself when it is a bare
     state dict. ``module.`` prefixes (DDP) are dropped. A checkpoint that does not fit ``net`` raises a
-    one-line ``UserError`` listing a few missing / unexpected / mis-shaped keys (``utils/checkpoint.py``).
+    one-line ``UserError`` listing a few missing / unexpected / mis-shaped keys (``utils/checkpoint.py``),
+    ending with ``hint``. ``ckpt``: the checkpoint already read from ``weights`` (not read again).
     """
-    return load_network_file(net, os.fspath(weights), '--weights', param_key=param_key,
-                             hint='pass the --opt (network_g) the checkpoint was trained with')
+    return load_network_file(net, os.fspath(weights), '--weights', param_key=param_key, hint=hint, ckpt=ckpt)
+
+
+def restorer_from_checkpoint(weights, opt=None, param_key=None):
+    """The network of ``weights`` with its weights loaded, reading the file once.
+
+    ``opt`` given (see :func:`build_restorer`): its network, and it wins over the options stored in the
+    checkpoint. ``opt`` None: the checkpoint's stored network options (``utils.checkpoint.network_options``),
+    else, for a checkpoint saved without them, the paper-size ``TPDiffNet``.
+    """
+    weights = os.fspath(weights)
+    ckpt = read_checkpoint(weights, '--weights')
+    if opt is not None:
+        net, hint = build_restorer(opt), HINT_EXPLICIT
+    else:
+        stored = network_options(ckpt, weights)
+        net = build_restorer(stored, source=weights, key=NETWORK_OPT_KEY)
+        hint = HINT_NONE if stored is None else HINT_STORED
+    load_weights(net, weights, param_key, ckpt=ckpt, hint=hint)
+    return net
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -247,8 +274,7 @@ class Deblurrer(nn.Module):
     Example::
 
         from tpdiff_plugin import Deblurrer
-        deblur = Deblurrer.from_checkpoint('experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth',
-                                           opt='options/demo/stage2.yml', tile=512)
+        deblur = Deblurrer.from_checkpoint('experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth', tile=512)
         sharp = deblur(cv2.cvtColor(cv2.imread('blurry.png'), cv2.COLOR_BGR2RGB))  # HxWx3 uint8 RGB in/out
         y = deblur(torch.rand(1, 3, 720, 1280))                                     # [B, 3, H, W] in [0, 1]
 
@@ -281,9 +307,9 @@ class Deblurrer(nn.Module):
     @classmethod
     def from_checkpoint(cls, weights, opt=None, device='cpu', tile=None, tile_overlap=32, half=False, seed=0,
                         param_key=None):
-        """Build ``opt``'s network (see :func:`build_restorer`), load ``weights`` and wrap it."""
-        net = build_restorer(opt)
-        load_weights(net, weights, param_key)
+        """Build the network (``opt``, else the options stored in ``weights``: see
+        :func:`restorer_from_checkpoint`), load ``weights`` and wrap it."""
+        net = restorer_from_checkpoint(weights, opt, param_key)
         return cls(net, device=device, tile=tile, tile_overlap=tile_overlap, half=half, seed=seed)
 
     def extra_repr(self):
