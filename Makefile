@@ -6,11 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tpdiff-installed
 
-.PHONY: setup test demo bench quality clean-demo
+.PHONY: setup test demo bench quality install-test clean-demo
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# a .venv built before 0.2.0 holds opencv-python-headless and tensorboard, which share their package folders
+	# with basicsr's opencv-python and tb-nightly (requirements.txt): remove them first (a no-op on a new .venv)
+	$(PY) -m pip uninstall --quiet --yes opencv-python-headless tensorboard
 	$(PY) -m pip install -r requirements.txt
 	# basicsr 1.4.2 ships only an sdist whose setup.py imports torch: build it against the torch above
 	# (no isolated build env, which would download a second torch) and take its deps from requirements.txt.
@@ -41,6 +44,11 @@ bench: $(STAMP)
 # estimated: the 300 + 200 run in bench/README.md took 70 min on one core).
 quality: $(STAMP)
 	$(PY) bench/quality.py --jobs 2
+
+# Outside CI's fast path: the wheel installed into a fresh venv next to basicsr, used from an empty folder
+# (tests/install/run.sh; 5-10 minutes, downloads basicsr's dependencies).
+install-test:
+	bash tests/install/run.sh
 
 clean-demo:
 	rm -rf datasets_lmdb/demo experiments/TPDiff_Demo_* results/TPDiff_Demo_* results/compare_demo

@@ -30,7 +30,9 @@ setup(
         'torchvision>=0.16',
         'basicsr>=1.4.2',
         'numpy',
-        'opencv-python-headless',
+        # basicsr requires opencv-python (the GUI build): requiring the headless build as well would install two
+        # distributions of the same `cv2` folder, which overwrite each other. So we take basicsr's.
+        'opencv-python',
         'lmdb',
         'PyYAML',
         'PyWavelets>=1.4',
