@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from basicsr.models import build_model
 
 from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.cli import tpdiff_main
@@ -82,6 +83,7 @@ def test_single_file_to_a_file_name_and_a_glob_to_a_folder(setup, capsys):
 @pytest.mark.parametrize('case,match', [
     ('missing_weights', '--weights: no such checkpoint file'),
     ('other_arch', 'does not fit TPDiffNet as configured'),
+    ('other_arch', 'carries no network options (it predates stored options'),  # an old checkpoint, no --opt
     ('tile', '--tile: 64 must be larger than 2 x --tile-overlap'),
     ('overwrite', 'would overwrite the input'),
     ('no_input', '-i: no such file or folder'),
@@ -174,3 +176,45 @@ def test_non_finite_output_is_not_written(setup, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert code == 1 and 'a.png: the network produced NaN/Inf values; nothing written' in text
     assert not (out / 'a.png').exists()
+
+
+# ------------------------------------------------------------------ checkpoints that carry their network (issue 15)
+def _saved_by_a_model(tmp_path, ema):
+    """``net_g_100.pth`` as training writes it: basicsr's (mended) save_network of a model whose network_g is
+    TINY_G, with ``ema`` as params_ema."""
+    opt = {'name': 'x', 'model_type': 'SRModel', 'num_gpu': 0, 'dist': False, 'rank': 0, 'world_size': 1,
+           'is_train': False, 'scale': 1, 'network_g': dict(TINY_G),
+           'path': {'models': str(tmp_path), 'pretrain_network_g': None}}
+    tmp_path.mkdir()
+    torch.manual_seed(0)
+    model = build_model(opt)
+    model.save_network([model.net_g, ema], 'net_g', 100, param_key=['params', 'params_ema'])
+    return tmp_path / 'net_g_100.pth'
+
+
+def test_weights_alone_build_the_network_the_checkpoint_carries(setup, capsys):
+    weights = _saved_by_a_model(setup['tmp'] / 'models', setup['ema'])
+    one, two = setup['tmp'] / 'without_opt.png', setup['tmp'] / 'with_opt.png'
+    assert _deblur('-i', setup['src'] / 'a.png', '-o', one, '--weights', weights, '--tile', 32,
+                   '--tile-overlap', 8) == 0
+    assert _deblur('-i', setup['src'] / 'a.png', '-o', two, '--weights', weights, '--opt', setup['opt'],
+                   '--tile', 32, '--tile-overlap', 8) == 0
+    np.testing.assert_array_equal(cv2.imread(str(one)), cv2.imread(str(two)))
+    a = cv2.cvtColor(setup['images']['a.png'], cv2.COLOR_BGR2RGB)  # the values are params_ema's
+    expected = Deblurrer(setup['ema'], tile=32, tile_overlap=8, seed=0)(a)
+    np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(one)), cv2.COLOR_BGR2RGB), expected)
+    assert not np.array_equal(cv2.imread(str(one)), setup['images']['a.png'])
+    # --opt wins over the stored options: a network the checkpoint does not fit is refused
+    other = setup['tmp'] / 'other.yml'
+    other.write_text(yaml.safe_dump({'network_g': tiny_net_opts(dim=6, prior_ch=6)}))
+    capsys.readouterr()
+    assert _deblur('-i', setup['src'] / 'a.png', '-o', setup['tmp'] / 'o', '--weights', weights,
+                   '--opt', other) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'does not fit TPDiffNet as configured' in err and 'pass the --opt' in err and '\n' not in err
+
+
+def test_help_says_the_network_comes_from_the_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        tpdiff_main(['deblur', '--help'])
+    assert 'stored in the checkpoint' in ' '.join(capsys.readouterr().out.split())

@@ -6,9 +6,11 @@ its input's file name; or, for a single input file, a file name with an image ex
 the input's format and bit depth (16-bit PNG/TIFF in, 16-bit out; processed in float32), gray images
 stay gray and an alpha channel is copied through. Each file is written atomically (temporary file, rename).
 
-The network comes from ``--opt`` (the ``network_g`` block of a basicsr options file, e.g. the training
-options; default: the paper-size ``TPDiffNet``); the weights are ``params_ema`` if the checkpoint has
-them, else ``params`` (``torch.load(weights_only=True)``). Images are processed in overlapping tiles
+The network is the one the checkpoint says it holds: the plugin stores the ``network_g`` block next to the
+weights of every checkpoint it saves. ``--opt`` (the ``network_g`` block of a basicsr options file, e.g.
+the training options) wins when given, and is needed for a checkpoint without stored options (older ones,
+or not saved by the plugin), for which the default is the paper-size ``TPDiffNet``. The weights are
+``params_ema`` if the checkpoint has them, else ``params`` (``torch.load(weights_only=True)``). Images are processed in overlapping tiles
 (``--tile 512 --tile-overlap 32``; ``--tile 0`` for whole images), with the DM's initial noise drawn
 once per image from ``--seed`` and cropped per tile (see ``tpdiff_plugin.inference``), so memory is
 bounded by the tile and the result does not depend on the tiling beyond the blend.
@@ -44,7 +46,8 @@ def add_arguments(parser):
                         help='output folder (created); or an image file name for a single input file')
     parser.add_argument('--weights', required=True, metavar='W.pth', help='basicsr checkpoint (net_g_*.pth)')
     parser.add_argument('--opt', default=None, metavar='X.yml',
-                        help='options file whose network_g builds the network (default: paper-size TPDiffNet)')
+                        help='options file whose network_g builds the network (default: the network options '
+                             'stored in the checkpoint; for a checkpoint without them, the paper-size TPDiffNet)')
     parser.add_argument('--param-key', default=None, help='checkpoint entry (default: params_ema, else params)')
     parser.add_argument('--tile', type=int, default=512,
                         help='tile size in pixels, rounded down to the network size multiple; 0: whole images '
