@@ -6,8 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.cli import tpdiff_main
+from tpdiff_plugin.inference import Deblurrer
 from tpdiff_plugin.utils.artifacts import periodic_artifact_db
+from tpdiff_plugin.utils.checkpoint import save_networks
 
 
 def _psnr(a, b):
@@ -120,3 +123,23 @@ def test_real_blur_rows_are_deblurred_and_shown_below(demo_dirs, tmp_path, capsy
     assert grid.shape == (y + 30 + gap, max(3 * w + 2 * gap, 2 * 70 + gap), 3)
     assert np.array_equal(grid[y:y + 30, :70], clock)
     assert np.array_equal(grid[y:y + 30, 70 + gap:140 + gap], clock)  # an untrained TPDiffNet is the identity
+
+
+def test_real_rows_need_only_weights_that_carry_their_network(demo_dirs, tmp_path):
+    """Issue 15 item 2: --weights saved by the plugin build their own network, no --opt."""
+    root, _ = demo_dirs
+    net = tiny_net(seed=3).eval()  # a random output conv: the network changes images
+    save_networks([net], ['params'], tmp_path / 'net.pth', network_opt=tiny_net_opts())
+    real = tmp_path / 'real'
+    real.mkdir()
+    clock = np.random.default_rng(1).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    cv2.imwrite(str(real / 'clock.png'), clock)
+    out = tmp_path / 'grid.png'
+    assert tpdiff_main(['report', '--results', str(root / 'results' / 'TPDiff_Demo_Test'), '--blur', str(root / 'blur'),
+                        '--sharp', str(root / 'sharp'), '--out', str(out), '--real', str(real),
+                        '--weights', str(tmp_path / 'net.pth')]) == 0
+    expected = Deblurrer(net, seed=0)(np.ascontiguousarray(clock[:, :, ::-1]))[:, :, ::-1]
+    assert not np.array_equal(expected, clock)
+    gap, header, h = 4, 22, 40
+    y = header + 3 * (h + gap) + header
+    assert np.array_equal(cv2.imread(str(out))[y:y + 32, 40 + gap:80 + gap], expected)

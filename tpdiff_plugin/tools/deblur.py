@@ -10,10 +10,11 @@ The network is the one the checkpoint says it holds: the plugin stores the ``net
 weights of every checkpoint it saves. ``--opt`` (the ``network_g`` block of a basicsr options file, e.g.
 the training options) wins when given, and is needed for a checkpoint without stored options (older ones,
 or not saved by the plugin), for which the default is the paper-size ``TPDiffNet``. The weights are
-``params_ema`` if the checkpoint has them, else ``params`` (``torch.load(weights_only=True)``). Images are processed in overlapping tiles
-(``--tile 512 --tile-overlap 32``; ``--tile 0`` for whole images), with the DM's initial noise drawn
-once per image from ``--seed`` and cropped per tile (see ``tpdiff_plugin.inference``), so memory is
-bounded by the tile and the result does not depend on the tiling beyond the blend.
+``params_ema`` if the checkpoint has them, else ``params`` (``torch.load(weights_only=True)``).
+Images are processed in overlapping tiles (``--tile 512 --tile-overlap 32``; ``--tile 0`` for whole
+images), with the DM's initial noise drawn once per image from ``--seed`` and cropped per tile (see
+``tpdiff_plugin.inference``), so memory is bounded by the tile and the result does not depend on the
+tiling beyond the blend.
 
 Errors: bad options (missing weights, a checkpoint of another architecture, ``--tile <= 2 x overlap``,
 an output that would overwrite an input) stop before any work with one line. A file that cannot be

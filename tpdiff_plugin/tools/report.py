@@ -3,7 +3,7 @@
 Run after ``basicsr test -opt options/test/demo.yml``::
 
     tpdiff report --results results/TPDiff_Demo_Test \
-        [--real datasets_lmdb/demo/real --weights <net_g.pth> --opt options/demo/stage2.yml]
+        [--real datasets_lmdb/demo/real --weights <net_g.pth> [--opt options/demo/stage2.yml]]
 
 It reads the blurry and sharp validation images (LMDB in basicsr layout, or a folder), finds each
 one's deblurred result ``<results>/visualization/<dataset>/<key>_<suffix>.png`` (basicsr test's
@@ -12,8 +12,10 @@ sharp) with basicsr's ``calculate_psnr`` / ``calculate_ssim`` (RGB, no border cr
 the periodic-artifact measure of each output against its input (``utils.artifacts``: dB of spectral peaks
 at 2- and 4-pixel periods added; about 0 means no checkerboard or grid), and writes a PNG grid, one row
 per image: blurry | deblurred | sharp. With ``--real``, the images of that folder (real blur, no ground
-truth: the demo set's ``real/clock_motion.png``) are deblurred with ``--weights`` / ``--opt`` through
-:class:`tpdiff_plugin.inference.Deblurrer` and shown below the grid as blurry | deblurred.
+truth: the demo set's ``real/clock_motion.png``) are deblurred with ``--weights`` through
+:class:`tpdiff_plugin.inference.Deblurrer` and shown below the grid as blurry | deblurred. The network is
+the one stored in the checkpoint; ``--opt`` wins when given (and is needed for a checkpoint saved without
+its network options).
 """
 import glob
 import os
@@ -41,9 +43,10 @@ def add_arguments(parser):
     parser.add_argument('--out', default=None,
                         help='grid PNG to write (default: results/<results folder name>_grid.png beside --results)')
     parser.add_argument('--real', default=None, help='a folder of real blurry images without ground truth to add '
-                        'to the grid (needs --weights and --opt), e.g. datasets_lmdb/demo/real')
+                        'to the grid (needs --weights), e.g. datasets_lmdb/demo/real')
     parser.add_argument('--weights', default=None, help='the checkpoint that deblurs --real')
-    parser.add_argument('--opt', default=None, help='the options file whose network_g --weights holds')
+    parser.add_argument('--opt', default=None, help='the options file whose network_g --weights holds (default: '
+                        'the network options stored in the checkpoint)')
 
 
 def find_result(results_dir, key):
@@ -155,7 +158,8 @@ def make_grid(rows, gap=4, header=22, real_rows=()):
 
 
 def deblur_real(folder, weights, opt):
-    """``[(name, blurry BGR, deblurred BGR)]`` for the images of ``folder``, deblurred with ``weights``."""
+    """``[(name, blurry BGR, deblurred BGR)]`` for the images of ``folder``, deblurred with ``weights`` (the
+    network of ``opt``, or None: the one stored in the checkpoint)."""
     images = read_images(folder)
     deblur = Deblurrer.from_checkpoint(weights, opt=opt, seed=0)
     return [(name, img, np.ascontiguousarray(deblur(np.ascontiguousarray(img[:, :, ::-1]))[:, :, ::-1]))
@@ -163,8 +167,8 @@ def deblur_real(folder, weights, opt):
 
 
 def run(args):
-    if args.real and not (args.weights and args.opt):
-        raise UserError('--real needs --weights and --opt (the network that deblurs those images)')
+    if args.real and not args.weights:
+        raise UserError('--real needs --weights (the checkpoint that deblurs those images)')
     rows = collect(args.results, args.blur, args.sharp)
     per_image, mean = metrics_table(rows)
     print(format_table(per_image, mean))
