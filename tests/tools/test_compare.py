@@ -11,6 +11,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 
 from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.cli import tpdiff_main
+from tpdiff_plugin.utils.checkpoint import save_networks
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.tools.compare import crop_box
 from tpdiff_plugin.utils.image_metrics import realblur_metrics
@@ -150,7 +151,10 @@ def test_crop_box_finds_the_textured_region():
     (lambda o: o['dataset'].update(dataroot_gt='/nonexistent/gt'), 'dataset.dataroot_gt: no such file or folder'),
     (lambda o: o['restorers']['nafnet-tiny']['network'].update(type='NoSuchNet'), 'no network named "NoSuchNet"'),
     (lambda o: o['metrics'].update(protocol='psnr-y'), 'metrics.protocol must be one of gopro, realblur'),
-    (lambda o: o['restorers'].update(bad={'weights': 'x.pth'}), 'restorers.bad needs a "network" block'),
+    (lambda o: o['restorers'].update(bad={'tile': 32}), 'restorers.bad needs a "network" block'),
+    (lambda o: o['restorers'].update(bad={'weights': 'x.pth'}), 'restorers.bad.weights: no such checkpoint file'),
+    (lambda o: o['restorers'].update(bad={'weights': o['restorers']['tpdiff-identity']['weights']}),
+     'identity.pth carries no network options (it predates stored options'),  # saved without them: needs network
     (lambda o: o['restorers']['nafnet-tiny'].update(weights='/nonexistent.pth'), 'no such checkpoint file'),
 ])
 def test_bad_options_are_one_line_errors(workspace, capsys, edit, match):
@@ -178,3 +182,23 @@ def test_network_can_name_a_training_options_file(tmp_path):
     cfg.write_text(cfg.read_text().replace(str(train_opt), str(tmp_path / 'missing.yml')))
     with pytest.raises(UserError, match='restorers.ours.network: no such options file'):
         load_compare_options(str(cfg))
+
+
+def test_weights_that_carry_their_network_need_no_network_block(workspace, capsys):
+    """Issue 15 item 2: a checkpoint saved by the plugin says which network it holds; a given network wins."""
+    tmp_path, _, opt = workspace
+    net = tiny_net(seed=5)  # random output conv: it changes the images
+    weights = str(tmp_path / 'net_g_5.pth')
+    save_networks([net], ['params'], weights, network_opt=TINY_G)
+    opt['macs_size'] = None
+    opt['restorers'] = {'stored': {'weights': weights}, 'given': {'network': TINY_G, 'weights': weights},
+                        'random': {'network': TINY_G}}
+    assert tpdiff_main(['compare', '-opt', _write(tmp_path, opt)]) == 0
+    rows = _read_csv(tmp_path / 'res' / 'compare.csv')
+    assert rows['stored']['network'] == 'TPDiffNet' and rows['stored']['psnr'] == rows['given']['psnr']
+    assert rows['stored']['psnr'] != rows['random']['psnr'] and rows['stored']['psnr'] != rows['input (blurry)']['psnr']
+    # the network given wins over the stored one: a mismatching one does not fit the weights
+    opt['restorers'] = {'given': {'network': tiny_net_opts(dim=6, prior_ch=6), 'weights': weights}}
+    capsys.readouterr()
+    assert tpdiff_main(['compare', '-opt', _write(tmp_path, opt)]) == 2
+    assert 'does not fit TPDiffNet as configured' in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """``tpdiff compare -opt compare.yml``: several restorers on one paired test set, side by side.
 
 Each restorer is an ARCH_REGISTRY ``network`` block (TP-Diff, a spandrel peer such as ``PeerNAFNet`` or
-``PeerRestormer`` from ``archs/peers_arch.py``, or any basicsr network) with optional weights. All of them
+``PeerRestormer`` from ``archs/peers_arch.py``, or any basicsr network) with optional weights. A restorer
+with ``weights`` saved by the plugin needs no ``network``: the checkpoint carries its network options (a
+``network`` given still wins). All of them
 run on the same pairs, one after another, and the tool prints and writes (``<output_dir>/compare.csv``)
 one row per restorer, after a row for the blurry input itself:
 
@@ -39,6 +41,7 @@ Options file (see ``options/compare/demo.yml``)::
     crops: {size: 96, max_images: 4}
     restorers:
       <label>: {network: {type: ..., ...}, weights: ~, param_key: ~, tile: ~, size_multiple: ~}
+      <label>: {weights: experiments/X/models/net_g_latest.pth}   # the network stored in the checkpoint
 """
 import copy
 import csv
@@ -55,6 +58,7 @@ from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY
 
 from tpdiff_plugin.archs.arch_util import pad_to_multiple
 from tpdiff_plugin.inference import Deblurrer, build_restorer, load_weights
+from tpdiff_plugin.utils.checkpoint import network_options, read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.image_metrics import ALIGN_MOTIONS, PROTOCOLS, psnr_ssim
 from tpdiff_plugin.utils.measure import PeakMemory, count_macs, parse_size
@@ -104,9 +108,12 @@ def load_compare_options(path):
             entry['network'] = load_options_file(src).get('network_g')
             if not isinstance(entry['network'], dict):
                 raise UserError(f'{path}: restorers.{label}.network: {src} has no network_g block')
+        if isinstance(entry, dict) and entry.get('network') is None and isinstance(entry.get('weights'), str):
+            entry['network'] = stored_network(path, label, entry['weights'])
         if not isinstance(entry, dict) or not isinstance(entry.get('network'), dict):
-            raise UserError(f'{path}: restorers.{label} needs a "network" block (e.g. network: {{type: PeerNAFNet}}) '
-                            'or the path of a training options file whose network_g to use')
+            raise UserError(f'{path}: restorers.{label} needs a "network" block (e.g. network: {{type: PeerNAFNet}}), '
+                            'the path of a training options file whose network_g to use, or weights that carry '
+                            'their network options')
         kind = entry['network'].get('type')
         if kind not in ARCH_REGISTRY:  # before anything runs
             raise UserError(f'{path}: restorers.{label}.network.type: no network named "{kind}" is registered '
@@ -116,6 +123,19 @@ def load_compare_options(path):
         if weights is not None and not os.path.isfile(weights):
             raise UserError(f'{path}: restorers.{label}.weights: no such checkpoint file: {weights}')
     return opt
+
+
+def stored_network(path, label, weights):
+    """The network options block stored in the checkpoint ``weights`` of restorer ``label``; a checkpoint
+    without one (older, or not saved by the plugin) is a one-line UserError asking for ``network``."""
+    where = f'{path}: restorers.{label}.weights'
+    if not os.path.isfile(weights):
+        raise UserError(f'{where}: no such checkpoint file: {weights}')
+    block = network_options(read_checkpoint(weights, where), weights)
+    if block is None:
+        raise UserError(f'{where}: {weights} carries no network options (it predates stored options, or was not '
+                        'saved by tpdiff-plugin); give the restorer a "network" block')
+    return block
 
 
 def build_dataset(path, dataset_opt):
