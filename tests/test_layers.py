@@ -1,6 +1,6 @@
 """The package's layers: no module imports from a layer above it (every import, also inside functions).
 
-    utils/                                   (bottom: depends on nothing of ours)
+    utils/  version                          (bottom: depends on nothing of ours)
     archs/  losses/  data/  compat  registry (may use utils; archs, losses and data not each other)
     models/  inference  option_check         (may use everything below)
     tools/  cli  train  test                 (the command line, on top)
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'tpdiff_plugin'
 
-LEVELS = {'utils': 0, 'archs': 1, 'losses': 1, 'data': 1, 'compat': 1, 'registry': 1,
+LEVELS = {'utils': 0, 'version': 0, 'archs': 1, 'losses': 1, 'data': 1, 'compat': 1, 'registry': 1,
           'models': 2, 'inference': 2, 'option_check': 2, 'tools': 3, 'cli': 3, 'train': 3, 'test': 3}
 SIBLINGS = {'archs', 'losses', 'data'}  # the bottom layer's three parts stay independent
 
