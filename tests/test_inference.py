@@ -218,6 +218,10 @@ def test_from_checkpoint_builds_the_network_the_checkpoint_carries(tmp_path, mon
     # an explicit opt wins over the stored options: a mismatching one does not fit
     with pytest.raises(UserError, match=r'does not fit TPDiffNet as configured .*; pass the --opt \(network_g\)'):
         Deblurrer.from_checkpoint(ckpt, opt={'network_g': tiny_net_opts(dim=6, prior_ch=6)})
+    # stored options that do not match the weights (a file edited or written by hand) are named as such
+    save_networks([a], ['params'], ckpt, network_opt=tiny_net_opts(dim=6, prior_ch=6))
+    with pytest.raises(UserError, match=r'the network options stored in the checkpoint \(network_opt\) do not match'):
+        Deblurrer.from_checkpoint(ckpt)
     # stored options that do not build are named as such
     save_networks([a], ['params'], ckpt, network_opt={'type': 'NoSuchNet'})
     with pytest.raises(UserError, match=r'net_g_10.pth: network_opt.type: no network named "NoSuchNet"'):

@@ -99,10 +99,10 @@ def restorer_from_checkpoint(weights, opt=None, param_key=None):
     else, for a checkpoint saved without them, the paper-size ``TPDiffNet``.
     """
     weights = os.fspath(weights)
+    net = None if opt is None else build_restorer(opt)  # a bad --opt is reported before the file is read
     ckpt = read_checkpoint(weights, '--weights')
-    if opt is not None:
-        net, hint = build_restorer(opt), HINT_EXPLICIT
-    else:
+    hint = HINT_EXPLICIT
+    if net is None:
         stored = network_options(ckpt, weights)
         net = build_restorer(stored, source=weights, key=NETWORK_OPT_KEY)
         hint = HINT_NONE if stored is None else HINT_STORED
