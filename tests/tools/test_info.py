@@ -111,3 +111,19 @@ def test_console_script_reports_missing_file_without_traceback(tmp_path, cli_run
     result = cli_runner(['tpdiff', 'info', '-opt', str(tmp_path / 'nope.yml')], cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert 'nope.yml' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_every_tool_loads_without_the_optional_mmengine(tmp_path):
+    """mmengine is an extra: without it `tpdiff` still starts (the install test found `tpdiff --help` dying on
+    an import of mmengine), and `tpdiff info` prints the parameters with one line saying MACs need mmengine."""
+    import subprocess
+    import sys
+    path = _write(tmp_path, {k: OPTIONS[k] for k in ('name', 'model_type', 'network_g')})
+    code = ('import sys; sys.modules["mmengine"] = None\n'  # `import mmengine...` now raises ImportError
+            'from tpdiff_plugin.cli import tpdiff_main\n'
+            f'sys.exit(tpdiff_main(["info", "-opt", {path!r}, "--size", "32x32"]))\n')
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert 'MACs not available: UserError: counting MACs needs mmengine' in res.stdout
+    params = sum(p.numel() for p in build_network(copy.deepcopy(TINY_G)).parameters())
+    assert f'{params:,}' in res.stdout or str(params) in res.stdout

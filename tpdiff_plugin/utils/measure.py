@@ -24,8 +24,6 @@ import threading
 import warnings
 
 import torch
-from mmengine.analysis import FlopAnalyzer
-from mmengine.analysis.jit_handles import get_shape
 from torch import nn
 
 from tpdiff_plugin.utils.errors import UserError
@@ -53,8 +51,20 @@ def components(net):
     return rows
 
 
+def _flop_analyzer():
+    """mmengine's ``FlopAnalyzer``, imported when MACs are counted: mmengine is an optional extra (``pip install
+    tpdiff-plugin[mmengine]``), and everything else here works without it."""
+    try:
+        from mmengine.analysis import FlopAnalyzer
+    except ImportError:
+        raise UserError('counting MACs needs mmengine (or mmengine-lite): pip install "tpdiff_plugin[mmengine]"') \
+            from None
+    return FlopAnalyzer
+
+
 def deform_conv2d_flop_jit(inputs, outputs):
     """mmengine handle for ``torchvision::deform_conv2d(input, weight, offset, mask, bias, ...)``."""
+    from mmengine.analysis.jit_handles import get_shape  # called by mmengine only: it is there
     b, c_in = get_shape(inputs[0])[:2]
     c_out, c_per_group, kh, kw = get_shape(inputs[1])
     h_out, w_out = get_shape(outputs[0])[-2:]
@@ -91,7 +101,7 @@ def count_macs(net, inputs):
     """``(total, {component: MACs}, unsupported op names)`` for ``net(*inputs)`` with mmengine's FlopAnalyzer."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # jit tracer warnings about Python values in shapes
-        analyzer = FlopAnalyzer(net.eval(), inputs)
+        analyzer = _flop_analyzer()(net.eval(), inputs)
         analyzer.set_op_handle('torchvision::deform_conv2d', deform_conv2d_flop_jit)
         analyzer.unsupported_ops_warnings(False)
         analyzer.uncalled_modules_warnings(False)
