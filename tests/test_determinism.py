@@ -55,9 +55,13 @@ def weights(exp_dir, it):
 def assert_same_weights(a, b):
     assert a.keys() == b.keys() and a
     for net in a:
-        for key, tensors in a[net].items():
-            for name, t in tensors.items():
-                assert torch.equal(t, b[net][key][name]), f'{net}.{key}.{name} differs'
+        for key, entries in a[net].items():  # params (tensors), network_opt and version (plain values)
+            if not isinstance(entries, dict):
+                assert entries == b[net][key], f'{net}.{key} differs'
+                continue
+            for name, t in entries.items():
+                same = torch.equal(t, b[net][key][name]) if torch.is_tensor(t) else t == b[net][key][name]
+                assert same, f'{net}.{key}.{name} differs'
 
 
 def test_same_seed_gives_the_same_losses_and_weights(tmp_path, demo_data):

@@ -158,7 +158,8 @@ def apply():
         save_training_state=BaseModel.save_training_state,
         load_network=BaseModel.load_network,
         create_train_val_dataloader=basicsr.train.create_train_val_dataloader,
-        **{'EnlargedSampler.__iter__': EnlargedSampler.__iter__},
+        **{'EnlargedSampler.__iter__': EnlargedSampler.__iter__,
+           'EnlargedSampler.set_epoch': EnlargedSampler.set_epoch},
     )
     basicsr.train.load_resume_state = resume.load_resume_state
     dist_util._init_dist_pytorch = _init_dist_pytorch
@@ -170,4 +171,5 @@ def apply():
     basicsr.train.create_train_val_dataloader = resume.wrap_create_train_val_dataloader(
         basicsr.train.create_train_val_dataloader)
     EnlargedSampler.__iter__ = resume.wrap_sampler_iter(EnlargedSampler.__iter__)
+    EnlargedSampler.set_epoch = resume.wrap_sampler_set_epoch(EnlargedSampler.set_epoch)
     _APPLIED = True

@@ -170,6 +170,29 @@ def test_blur_and_sharp_get_their_own_flips(sources, tmp_path):
     assert {which(to_bgr_uint8(ds[0]['lq']), blur_t) for _ in range(10)} == {(False, False, False)}
 
 
+def test_seeded_keys_draw_from_their_own_seed(sources):
+    """An ``(index, seed)`` key (what the train sampler passes when workers load the data) gives the same item
+    whatever the global ``random`` state, leaves that state untouched, and other seeds give other draws; a
+    plain index still draws from the global stream."""
+    ds = make(sources, use_hflip=True, use_rot=True)
+
+    def item(key):
+        it = ds[key]
+        return it['lq_path'], it['ref_path'], to_bgr_uint8(it['lq']).tobytes(), to_bgr_uint8(it['ref']).tobytes()
+
+    random.seed(0)
+    first = item((1, 12345))
+    random.seed(99)
+    before = random.getstate()
+    assert item((1, 12345)) == first and random.getstate() == before
+    assert first[0] == 'b1'
+    assert len({item((1, seed)) for seed in range(20)}) > 10
+    random.seed(7)
+    plain = item(1)
+    random.seed(7)
+    assert item(1) == plain and random.getstate() != before
+
+
 def test_patch_size_alias_and_normalisation(sources):
     random.seed(0)
     ds = make(sources, gt_size=None, patch_size=20, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])

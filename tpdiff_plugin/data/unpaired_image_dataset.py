@@ -16,9 +16,12 @@ Options (basicsr style):
     mean, std (list, optional): normalisation, as basicsr's datasets.
 
 Item: ``{'lq': 3xPxP float32 RGB in [0, 1], 'ref': 3xPxP, 'lq_path': key or path, 'ref_path': ...}``;
-``len`` is the number of blurry images. Randomness comes from Python's ``random`` (basicsr seeds it per
-worker). Grayscale, 16-bit and alpha images follow the rule in ``image_checks`` (also documented in
-``datasets_lmdb/README.md``); problems found at construction raise ``UserError`` naming the option.
+``len`` is the number of blurry images. Randomness comes from Python's ``random``: the main process's
+stream with ``num_worker_per_gpu: 0``; with workers, the train sampler passes ``(index, seed)`` keys
+(``SAMPLE_SEEDS``, see ``utils/resume.py``) and each item draws from ``random`` seeded with its own seed, so
+that a sample's crops do not depend on the worker that loads it and resumed runs stay exact. Grayscale,
+16-bit and alpha images follow the rule in ``image_checks`` (also documented in ``datasets_lmdb/README.md``);
+problems found at construction raise ``UserError`` naming the option.
 """
 import os
 import random
@@ -33,6 +36,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from tpdiff_plugin.data import image_checks
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.option_files import check_int
+from tpdiff_plugin.utils.resume import python_random_seeded
 
 
 class _Source:
@@ -81,6 +85,7 @@ class UnpairedImageDataset(data.Dataset):
                              'persistent_workers', 'use_shuffle', 'num_prefetch_queue', 'scale'})
     INT_OPTIONS = {'gt_size': 1, 'patch_size': 1, 'batch_size_per_gpu': 1, 'num_worker_per_gpu': 0,
                    'dataset_enlarge_ratio': 1}  # key -> minimum
+    SAMPLE_SEEDS = True  # __getitem__ also takes (index, seed) keys (utils/resume.py)
 
     def __init__(self, opt):
         super().__init__()
@@ -148,6 +153,13 @@ class UnpairedImageDataset(data.Dataset):
         return augment(patch, self.use_hflip, self.use_rot)
 
     def __getitem__(self, index):
+        if isinstance(index, tuple):  # (index, seed): this item's random draws come from its own seed
+            index, seed = index
+            with python_random_seeded(seed):
+                return self._item(index)
+        return self._item(index)
+
+    def _item(self, index):
         if self.file_client is None:
             opt = dict(self.io_backend_opt)
             self.file_client = FileClient(opt.pop('type'), **opt)

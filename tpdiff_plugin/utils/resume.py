@@ -13,15 +13,21 @@ interrupted epoch from its first batch. Here (installed over upstream by ``compa
 - :func:`wrap_create_train_val_dataloader` / :func:`wrap_sampler_iter`: the train sampler continues the
   interrupted epoch where it stopped and restores the python / numpy / torch RNG streams saved at that
   moment, so a resumed CPU run with ``num_worker_per_gpu: 0`` repeats the uninterrupted one exactly.
+- With dataloader workers (``num_worker_per_gpu > 0``) the workers' RNG positions are not saved; instead,
+  for a dataset that declares ``SAMPLE_SEEDS = True``, the train sampler yields ``(index, seed)`` keys with
+  ``seed = sample_seed(manual_seed, epoch, position in the epoch)``, and the dataset draws that sample's
+  randomness from python's ``random`` seeded with it (:func:`python_random_seeded`). Each sample's crops no
+  longer depend on which worker loads it, so a resumed run is exact with workers too, and any number of
+  workers gives the same training. With 0 workers nothing changes (the dataset draws from the main
+  process's stream, saved in the ``.state``).
 
 Under DDP every rank's streams and extra state are saved (``rank_states``) and each rank resumes its own.
-Limit: with dataloader workers each worker's RNG position within the epoch is not saved (same images in the
-same order, other random crops and flips).
 
 Upstream's ``train_pipeline`` calls ``load_resume_state(opt)`` and later ``create_train_val_dataloader(opt,
 logger)`` with no channel between them: :data:`_HANDOFF` carries the epoch position and RNG streams from
 one to the other (written by the first, consumed once by the second).
 """
+import contextlib
 import glob
 import os
 import random
@@ -202,13 +208,36 @@ def load_resume_state(opt):
     return resume_state
 
 
+def sample_seed(manual_seed, epoch, position):
+    """The seed of the sample at ``position`` (over all ranks) in ``epoch``'s order of a run seeded with
+    ``manual_seed``: a 64-bit hash of the three (numpy's ``SeedSequence``), the same in every process."""
+    entropy = [int(x) % 2**64 for x in (manual_seed, epoch, position)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+@contextlib.contextmanager
+def python_random_seeded(seed):
+    """Python's global ``random`` seeded with ``seed`` inside the block, and as it was before after it."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def wrap_sampler_iter(original_iter):
     """``EnlargedSampler.__iter__`` that, once after a resume, restores the RNG streams and skips the batches
-    the interrupted run already consumed in this epoch."""
+    the interrupted run already consumed in this epoch; with ``_tpdiff_sample_seeds`` set (the manual seed),
+    it yields ``(index, sample_seed(...))`` keys instead of indices."""
     def sampler_iter(self):
         resume = getattr(self, '_tpdiff_resume', None)
         self._tpdiff_resume = None
         indices = original_iter(self)
+        seed = getattr(self, '_tpdiff_sample_seeds', None)
+        if seed is not None:  # this rank's k-th sample is at rank + k * num_replicas in the epoch's order
+            indices = iter([(i, sample_seed(seed, self.epoch, self.rank + k * self.num_replicas))
+                            for k, i in enumerate(indices)])
         if resume is None:
             return indices
         skip, rng = resume
@@ -219,18 +248,36 @@ def wrap_sampler_iter(original_iter):
     return sampler_iter
 
 
+def wrap_sampler_set_epoch(original_set_epoch):
+    """``EnlargedSampler.set_epoch`` that arms the pending resume: it applies to the first iteration over the
+    sampler after the training loop's first ``set_epoch``. basicsr's ``CPUPrefetcher`` opens an iterator
+    before that (and drops it); with workers that iterator already draws indices, and restoring the RNG
+    streams there would be followed by the loop's own iterator drawing its seed from them."""
+    def set_epoch(self, epoch):
+        original_set_epoch(self, epoch)
+        pending = getattr(self, '_tpdiff_pending_resume', None)
+        if pending is not None:
+            self._tpdiff_resume, self._tpdiff_pending_resume = pending, None
+    set_epoch.__doc__ = original_set_epoch.__doc__
+    return set_epoch
+
+
 def wrap_create_train_val_dataloader(create):
-    """basicsr's ``create_train_val_dataloader`` that hands the resume position to the train sampler."""
+    """basicsr's ``create_train_val_dataloader`` that hands the resume position to the train sampler, and
+    turns on per-sample seeds when workers load a dataset that takes them (``SAMPLE_SEEDS``)."""
     def create_with_resume(opt, logger):
         result = create(opt, logger)
         train_loader, train_sampler = result[0], result[1]
+        if (train_loader is not None and train_sampler is not None and train_loader.num_workers > 0
+                and getattr(train_sampler.dataset, 'SAMPLE_SEEDS', False)):
+            train_sampler._tpdiff_sample_seeds = int(opt.get('manual_seed') or 0)
         resume = dict(_HANDOFF)
         _HANDOFF.clear()
         if resume and train_loader is not None and train_sampler is not None:
             per_epoch = len(train_loader)
             done = resume['iter'] - resume['epoch'] * per_epoch  # iterations of the saved epoch already run
             done = min(max(done, 0), per_epoch)
-            train_sampler._tpdiff_resume = (done * train_loader.batch_size, resume['rng'])
+            train_sampler._tpdiff_pending_resume = (done * train_loader.batch_size, resume['rng'])
             logger.info(f'Resume: continuing epoch {resume["epoch"]} after its first {done} of {per_epoch} '
                         'iterations' + ('' if resume['rng'] is not None else ' (no RNG states saved)'))
         return result
