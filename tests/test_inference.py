@@ -280,3 +280,16 @@ def test_deblurrer_is_exported_lazily():
             'import torch; print(issubclass(Deblurrer, torch.nn.Module))')
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == 'True', res.stderr
+
+
+def test_build_restorer_takes_a_packaged_options_name(tmp_path, monkeypatch):
+    """`--opt demo/stage2` (or options/demo/stage2.yml outside a clone) builds the packaged file's network_g."""
+    from tpdiff_plugin.inference import build_restorer
+    from tpdiff_plugin.utils.option_files import load_options_file, packaged_options
+    monkeypatch.chdir(tmp_path)
+    block = load_options_file(packaged_options()['demo/stage2'])['network_g']
+    for name in ('demo/stage2', 'options/demo/stage2.yml'):
+        net = build_restorer(name)
+        assert type(net).__name__ == block['type'] and net.patch_embed.out_channels == block['dim']
+    with pytest.raises(UserError, match=r'^--opt: no such options file: demo/stage3'):
+        build_restorer('demo/stage3')

@@ -40,7 +40,7 @@ from tpdiff_plugin.data.image_checks import PIXEL_PEAKS
 from tpdiff_plugin.utils.checkpoint import NETWORK_OPT_KEY, load_network_file, network_options, read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
-from tpdiff_plugin.utils.option_files import load_options_file
+from tpdiff_plugin.utils.option_files import find_options_file, load_options_file
 
 __all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'restorer_from_checkpoint', 'check_tiling', 'tile_starts',
            'axis_windows', 'run_tiled', 'image_to_tensor', 'tensor_to_image']
@@ -57,9 +57,7 @@ def build_restorer(opt=None, source='--opt', key='network_g'):
     if opt is None:
         return TPDiffNet()
     if isinstance(opt, (str, os.PathLike)):
-        source = os.fspath(opt)
-        if not os.path.isfile(source):
-            raise UserError(f'--opt: no such options file: {source}')
+        source = find_options_file(os.fspath(opt), '--opt')  # a file, or a packaged options name
         opt = load_options_file(source)
     if not isinstance(opt, dict):
         raise UserError(f'{source}: expected an options mapping, got {type(opt).__name__}')

@@ -16,6 +16,7 @@ from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.tools.compare import crop_box
 from tpdiff_plugin.utils.image_metrics import realblur_metrics
 from tpdiff_plugin.utils.measure import PeakMemory
+from tpdiff_plugin.utils.option_files import packaged_options
 
 TINY_G = tiny_net_opts()  # random output conv, so that the network changes images
 TINY_NAF = dict(type='PeerNAFNet', width=8, enc_blk_nums=[1, 1], middle_blk_num=1, dec_blk_nums=[1, 1])
@@ -182,6 +183,9 @@ def test_network_can_name_a_training_options_file(tmp_path):
     cfg.write_text(cfg.read_text().replace(str(train_opt), str(tmp_path / 'missing.yml')))
     with pytest.raises(UserError, match='restorers.ours.network: no such options file'):
         load_compare_options(str(cfg))
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / 'missing.yml'), 'demo/stage2'))  # a packaged name
+    assert load_compare_options(str(cfg))['restorers']['ours']['network'] == \
+        yaml.safe_load(open(packaged_options()['demo/stage2']))['network_g']
 
 
 def test_weights_that_carry_their_network_need_no_network_block(workspace, capsys):

@@ -127,3 +127,9 @@ def test_every_tool_loads_without_the_optional_mmengine(tmp_path):
     assert 'MACs not available: UserError: counting MACs needs mmengine' in res.stdout
     params = sum(p.numel() for p in build_network(copy.deepcopy(TINY_G)).parameters())
     assert f'{params:,}' in res.stdout or str(params) in res.stdout
+
+
+def test_info_takes_a_packaged_options_name(cli_runner, tmp_path):
+    res = cli_runner(['tpdiff', 'info', '-opt', 'demo/stage1', '--no-macs'], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'network_g: TPDiffNet' in res.stdout and 'network_tpe: TexturePriorEncoder' in res.stdout

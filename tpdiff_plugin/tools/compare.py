@@ -62,7 +62,7 @@ from tpdiff_plugin.utils.checkpoint import network_options, read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.image_metrics import ALIGN_MOTIONS, PROTOCOLS, psnr_ssim
 from tpdiff_plugin.utils.measure import PeakMemory, count_macs, parse_size
-from tpdiff_plugin.utils.option_files import load_options_file
+from tpdiff_plugin.utils.option_files import find_options_file, load_options_file
 
 COMMAND = 'compare'
 HELP = 'Compare restorers (TP-Diff and peers) on one paired test set: params, MACs, speed, memory, PSNR/SSIM.'
@@ -78,7 +78,7 @@ def add_arguments(parser):
 
 # ---------------------------------------------------------------------------------------------- options
 def load_compare_options(path):
-    opt = load_options_file(path)
+    opt = load_options_file(find_options_file(path))
     for key in ('dataset', 'restorers'):
         if not isinstance(opt.get(key), dict) or not opt[key]:
             raise UserError(f'{path}: option "{key}" must be a non-empty mapping (see options/compare/demo.yml)')
@@ -103,8 +103,7 @@ def load_compare_options(path):
         if isinstance(entry, dict) and isinstance(entry.get('network'), str):
             # `network: options/X.yml` takes that training file's network_g block, so the two cannot drift apart
             src = entry['network']
-            if not os.path.isfile(src):
-                raise UserError(f'{path}: restorers.{label}.network: no such options file: {src}')
+            src = find_options_file(src, f'{path}: restorers.{label}.network')  # a file or a packaged name
             entry['network'] = load_options_file(src).get('network_g')
             if not isinstance(entry['network'], dict):
                 raise UserError(f'{path}: restorers.{label}.network: {src} has no network_g block')

@@ -15,7 +15,7 @@ import logging
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.measure import components, count_macs, count_params, example_inputs, parse_size
 from tpdiff_plugin.utils.networks import build_network_block
-from tpdiff_plugin.utils.option_files import load_options_file
+from tpdiff_plugin.utils.option_files import find_options_file, load_options_file
 
 COMMAND = 'info'
 HELP = 'Parameters per component and MACs of the networks in an options file.'
@@ -29,6 +29,7 @@ def add_arguments(parser):
 
 def run(args):
     size = parse_size(args.size)
+    args.opt = find_options_file(args.opt)  # a file, or a packaged options name
     opt = load_options_file(args.opt)
     keys = [k for k in opt if k.startswith('network_')]
     if not keys:
