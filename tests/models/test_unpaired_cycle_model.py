@@ -434,6 +434,33 @@ def test_sharp_cycle_noise_ramp_grows_the_sigma_from_zero():
         build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_ramp=-5))
 
 
+def test_sharp_cycle_noise_start_switches_the_noise_on_later():
+    """With sharp_cycle_noise_start S (and ramp N), DN's sharp-cycle input carries only the 8-bit rounding up to
+    iteration S, then noise whose sigma grows over the next N iterations."""
+    data = batch(15, n=4, size=32)
+    model = build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_start=200, sharp_cycle_noise_ramp=100), seed=1)
+    model.feed_data(data)
+    seen = []
+    model.bare('g').register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        clean = model.bare('rb')(data['ref'])
+    inside = (clean > 0.05) & (clean < 0.95)
+    stds = {}
+    for it in (1, 200, 250, 300, 900):
+        model.current_iter = it
+        seen.clear()
+        with torch.no_grad():
+            model.generator_losses()
+        stds[it] = (seen[0][4:] - clean)[inside].std().item() * 255
+    rounding = math.sqrt(1 / 12)
+    assert stds[1] == pytest.approx(rounding, rel=0.15) and stds[200] == pytest.approx(rounding, rel=0.15)
+    assert stds[250] == pytest.approx(math.sqrt(2 ** 2 + 1 / 12), rel=0.1)
+    assert stds[300] == pytest.approx(math.sqrt(4 ** 2 + 1 / 12), rel=0.1)
+    assert stds[900] == pytest.approx(stds[300], rel=0.1)
+    with pytest.raises(UserError, match='train.sharp_cycle_noise_start must be an integer >= 0'):
+        build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_start=-1))
+
+
 @pytest.mark.parametrize('value', [-1, [3, 1], [1, 2, 3], 'high', True])
 def test_sharp_cycle_noise_rejects_bad_values(value):
     with pytest.raises(UserError, match='train.sharp_cycle_noise'):

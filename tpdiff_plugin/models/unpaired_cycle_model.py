@@ -21,7 +21,7 @@ One iteration (batch: ``lq`` = blurry b, ``ref`` = an unpaired sharp s):
     (+ l_d_r1 with ``train.r1_weight``).
 
 Training options beyond the paper's losses (``cycle_sharp_opt``, ``gan_sharp_opt``, ``sharp_cycle_trains_rb``,
-``sharp_cycle_noise``, ``sharp_cycle_noise_ramp``, ``identity_opt``, ``r1_weight``, ``d_update_every``; see ``options/README.md``) are all
+``sharp_cycle_noise``, ``sharp_cycle_noise_ramp``, ``sharp_cycle_noise_start``, ``identity_opt``, ``r1_weight``, ``d_update_every``; see ``options/README.md``) are all
 off by default, so the paper options train the paper's objective; the demo recipe and ``bench/quality.py``
 use them.
 
@@ -64,9 +64,11 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
     TOP_KEYS = frozenset()
     TRAIN_KEYS = frozenset({'optim_g', 'optim_d', 'scheduler', 'pool_size', 'gan_opt', 'cycle_opt', 'wave_opt',
                             'ema_decay', 'max_bad_iters', 'cycle_sharp_opt', 'gan_sharp_opt', 'identity_opt',
-                            'sharp_cycle_trains_rb', 'sharp_cycle_noise', 'sharp_cycle_noise_ramp', 'r1_weight',
+                            'sharp_cycle_trains_rb', 'sharp_cycle_noise', 'sharp_cycle_noise_ramp',
+                            'sharp_cycle_noise_start', 'r1_weight',
                             'd_update_every'})
-    TRAIN_INTS = {'pool_size': 0, 'max_bad_iters': 1, 'd_update_every': 1, 'sharp_cycle_noise_ramp': 0}  # -> minimum
+    TRAIN_INTS = {'pool_size': 0, 'max_bad_iters': 1, 'd_update_every': 1, 'sharp_cycle_noise_ramp': 0,
+                  'sharp_cycle_noise_start': 0}  # -> minimum
     VAL_KEYS = frozenset()
     PATH_KEYS = frozenset()
 
@@ -148,6 +150,7 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         self.sharp_cycle_trains_rb = bool(train_opt.get('sharp_cycle_trains_rb', True))
         self.sharp_cycle_noise = noise_range(train_opt.get('sharp_cycle_noise'))
         self.sharp_cycle_noise_ramp = int_option(train_opt, 'sharp_cycle_noise_ramp', 0, minimum=0)
+        self.sharp_cycle_noise_start = int_option(train_opt, 'sharp_cycle_noise_start', 0, minimum=0)
         self.current_iter = 0  # set by optimize_parameters; the noise ramp reads it
         self.r1_weights = r1_weights(train_opt.get('r1_weight', 0), self.D_LABELS, self.discriminator_labels)
         self.d_update_every = int_option(train_opt, 'd_update_every', 1)
@@ -238,7 +241,11 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         fake_b = self.net_rb(s)
         fake_b_in = fake_b if self.sharp_cycle_trains_rb else fake_b.detach()
         if self.sharp_cycle_noise is not None:
-            ramp = min(1.0, self.current_iter / self.sharp_cycle_noise_ramp) if self.sharp_cycle_noise_ramp else 1.0
+            since = self.current_iter - self.sharp_cycle_noise_start  # iterations since the noise was switched on
+            if self.sharp_cycle_noise_start and since <= 0:
+                ramp = 0.0  # not yet: the 8-bit rounding only
+            else:
+                ramp = min(1.0, since / self.sharp_cycle_noise_ramp) if self.sharp_cycle_noise_ramp else 1.0
             fake_b_in = noisy_8bit(fake_b_in, *(ramp * sigma for sigma in self.sharp_cycle_noise))
         chunks = [b, fake_b_in]
         if self.cri_identity is not None:
