@@ -205,6 +205,8 @@ def test_paper_schedule():
         assert (train['gan_opt']['loss_weight'], train['cycle_opt']['loss_weight'],
                 train['wave_opt']['loss_weight']) == (1.0, 0.1, 0.2)
         assert train['wave_opt']['type'] == 'WaveletGANLoss' and train['wave_opt']['wavelet'] == 'haar'
+        # the paper's log form: L = E[log D(s)] + E[log(1 - D(DN(b)))]
+        assert train['gan_opt']['gan_type'] == train['wave_opt']['gan_type'] == 'vanilla'
         assert opt['network_g']['dm_timesteps'] == 8
     s2 = load(OPTIONS / 'tpdiff_stage2.yml')
     assert s2['train']['diff_opt'] == {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}
