@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_net
 from tpdiff_plugin.archs.fm_msa import PriorDeformFilter
-from tpdiff_plugin.archs.ttformer_arch import LayerNorm2d, TPDiffNet, TTformerBlock, resize_prior
+from tpdiff_plugin.archs.ttformer_arch import LayerNorm2d, TPDiffNet, TTformerBlock, rescale_prior, resize_prior
 
 # two heads at the coarse levels; prior_ch 6 and T = 3 are what the shapes and counts below spell out
 TINY = dict(heads=[1, 1, 2, 2], prior_ch=6, dm_timesteps=3)
@@ -47,6 +47,19 @@ def test_resize_prior():
     up = resize_prior(z, (16, 24))
     assert up.shape == (1, 2, 16, 24)
     torch.testing.assert_close(up.mean((2, 3)), z.mean((2, 3)), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize('prior_scale', [1, 2, 3, 4, 8])
+def test_rescale_prior_by_a_constant_factor_equals_resize_by_size(prior_scale):
+    """The U-Net's prior per level: a constant factor (traceable with dynamic sizes, for ``tpdiff export``) gives
+    resize_prior's values exactly; scales that do not divide each other (3) resize by size."""
+    h, w = 48, 96  # padded image sizes: multiples of lcm(8, prior_scale)
+    z = torch.randn(1, 2, h // prior_scale, w // prior_scale)
+    for k in range(4):
+        size = (h >> k, w >> k)
+        want = resize_prior(z, size)
+        got = rescale_prior(z, prior_scale, 2 ** k, size)
+        assert got.shape == want.shape and torch.equal(got, want)
 
 
 @pytest.mark.parametrize('scale', [4, 1])

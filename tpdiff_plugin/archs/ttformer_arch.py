@@ -51,9 +51,10 @@ class LayerNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self.normalized_shape = (dim,)  # a constant, not x.shape[1:2]: ONNX export needs it static
 
     def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias,
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
                             self.eps).permute(0, 3, 1, 2)
 
 
@@ -130,6 +131,21 @@ def resize_prior(z, size):
     if size[0] <= z.shape[-2] and size[1] <= z.shape[-1]:
         return F.adaptive_avg_pool2d(z, size)
     return F.interpolate(z, size=size, mode='bilinear', align_corners=False)
+
+
+def rescale_prior(z, prior_scale, level_scale, size):
+    """Resize a prior at 1/``prior_scale`` of the padded image to a level at 1/``level_scale`` (``size``).
+
+    When one scale divides the other, by a constant factor (``avg_pool2d`` / bilinear ``scale_factor``): the same
+    values as :func:`resize_prior` by size, but a traced graph (``tpdiff export``) keeps dynamic sizes. Else by size.
+    """
+    if prior_scale == level_scale:
+        return z
+    if level_scale % prior_scale == 0:
+        return F.avg_pool2d(z, level_scale // prior_scale)
+    if prior_scale % level_scale == 0:
+        return F.interpolate(z, scale_factor=prior_scale // level_scale, mode='bilinear', align_corners=False)
+    return resize_prior(z, size)
 
 
 @ARCH_REGISTRY.register()
@@ -236,10 +252,8 @@ class TPDiffNet(nn.Module):
     def unet(self, x, z):
         """The TTformer U-Net on a padded image: ``x [B, C, H, W]``, ``z`` at ``H/s`` -> residual ``[B, out, H, W]``."""
         h, w = x.shape[-2:]
-        z1 = resize_prior(z, (h, w))
-        z2 = resize_prior(z, (h // 2, w // 2)) if self.multi_scale_prior else None
-        z3 = resize_prior(z, (h // 4, w // 4)) if self.multi_scale_prior else None
-        z4 = resize_prior(z, (h // 8, w // 8)) if self.multi_scale_prior else None
+        z1, z2, z3, z4 = (rescale_prior(z, self.prior_scale, 2 ** k, (h >> k, w >> k))
+                          if k == 0 or self.multi_scale_prior else None for k in range(4))
 
         enc1 = self.encoder_level1(self.patch_embed(x), z1)
         enc2 = self.encoder_level2(self.down1_2(enc1), z2)
