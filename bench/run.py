@@ -110,7 +110,7 @@ def main(argv=None):
 
     import tpdiff_plugin  # noqa: F401  (registers everything)
     from basicsr.archs import build_network
-    from tpdiff_plugin.archs.fm_msa import deform_filter
+    from tpdiff_plugin.archs.adaptive_filter import deform_filter
     from tpdiff_plugin.archs.peers_arch import PUBLISHED_CONFIGS
     from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
     from tpdiff_plugin.utils.errors import UserError

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from tpdiff_plugin.archs.arch_util import BinomialBlur, icnr_, pad_to_multiple, small_init_, zero_init_
-from tpdiff_plugin.archs.fm_msa import DEFORM_IMPLS, check_deform_impl
+from tpdiff_plugin.archs.adaptive_filter import DEFORM_IMPLS, check_deform_impl
 
 
 def test_pad_to_multiple_reflects_and_falls_back_to_replication():

@@ -1,72 +1,9 @@
-"""FM-MSA: the deformable filter implementations, the attention, and the prior's spatial control."""
+"""FM-MSA: the attention, its filters (filter_type) and the prior's spatial control."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tpdiff_plugin.archs.fm_msa import FMMSA, PriorDeformFilter, deform_filter
-
-
-# (C_in, C_out, C_in per group, offset groups, kernel, dilation)
-CONFIGS = [(6, 6, 1, 1, 3, 1), (6, 6, 1, 2, 3, 2), (4, 8, 2, 1, 3, 1), (4, 4, 4, 1, 5, 1)]
-
-
-def _random_inputs(c_in, c_out, cpg, groups, k, seed, h=7, w=9):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, c_in, h, w, generator=g)
-    # offsets of up to a few pixels: many samples fall between pixels and some outside the image
-    offset = torch.randn(2, 2 * k * k * groups, h, w, generator=g) * 2
-    mask = torch.rand(2, k * k * groups, h, w, generator=g)
-    weight = torch.randn(c_out, cpg, k, k, generator=g)
-    bias = torch.randn(c_out, generator=g)
-    return [t.requires_grad_() for t in (x, offset, mask, weight, bias)]
-
-
-@pytest.mark.parametrize('c_in,c_out,cpg,groups,k,dil', CONFIGS)
-def test_implementations_agree_in_values_and_gradients(c_in, c_out, cpg, groups, k, dil):
-    results = []
-    for impl in ('torchvision', 'grid_sample'):
-        inputs = _random_inputs(c_in, c_out, cpg, groups, k, seed=k + groups + cpg)
-        out = deform_filter(*inputs[:4], bias=inputs[4], dilation=dil, impl=impl)
-        loss = (out * torch.cos(out)).sum()  # a non-linear loss: gradients differ per element
-        results.append((out, torch.autograd.grad(loss, inputs)))
-    (out_tv, grads_tv), (out_gs, grads_gs) = results
-    assert out_tv.shape == (2, c_out, 7, 9)
-    torch.testing.assert_close(out_gs, out_tv, atol=1e-4, rtol=1e-4)
-    for name, a, b in zip(('x', 'offset', 'mask', 'weight', 'bias'), grads_gs, grads_tv):
-        assert b.abs().sum() > 0, name
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f'gradient wrt {name} differs')
-
-
-@pytest.mark.parametrize('impl', ['torchvision', 'grid_sample'])
-def test_zero_offsets_and_unit_mask_is_an_ordinary_conv(impl):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 6, 8, 10, generator=g)
-    weight = torch.randn(6, 2, 3, 3, generator=g)  # 3 groups
-    offset = torch.zeros(1, 18, 8, 10)
-    mask = torch.ones(1, 9, 8, 10)
-    expected = F.conv2d(x, weight, padding=1, groups=3)
-    torch.testing.assert_close(deform_filter(x, offset, mask, weight, impl=impl), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize('impl', ['torchvision', 'grid_sample'])
-def test_integer_offset_shifts_the_image(impl):
-    """A 1x1 filter with offset (dy, dx) = (1, -2) reads x[i + 1, j - 2] (zero outside)."""
-    x = torch.arange(30.).view(1, 1, 5, 6)
-    offset = torch.tensor([1., -2.]).view(1, 2, 1, 1).expand(1, 2, 5, 6).contiguous()
-    out = deform_filter(x, offset, None, torch.ones(1, 1, 1, 1), impl=impl)
-    expected = torch.zeros(1, 1, 5, 6)
-    expected[..., :4, 2:] = x[..., 1:, :4]
-    torch.testing.assert_close(out, expected)
-
-
-def test_auto_is_grid_sample_on_cpu_and_bad_impl_raises():
-    inputs = [t.detach() for t in _random_inputs(4, 4, 1, 1, 3, seed=1)]
-    auto = deform_filter(*inputs[:4], impl='auto')
-    assert torch.equal(auto, deform_filter(*inputs[:4], impl='grid_sample'))
-    with pytest.raises(ValueError, match='deform_impl'):
-        deform_filter(*inputs[:4], impl='cuda')
-    with pytest.raises(ValueError, match='deform_impl'):
-        FMMSA(8, 2, prior_ch=4, deform_impl='nope')
+from tpdiff_plugin.archs.adaptive_filter import FILTER_TYPES, PriorDeformFilter
+from tpdiff_plugin.archs.fm_msa import FMMSA
 
 
 def test_fmmsa_shapes_gradients_and_prior_dependence():
@@ -157,9 +94,57 @@ def test_prior_change_in_a_region_changes_output_mostly_there(impl):
     assert inside > 0.95, f'only {inside:.3f} of the change lies in the region (+{margin} px)'
 
 
-def test_prior_deform_filter_shape_and_groups():
-    filt = PriorDeformFilter(8, prior_ch=4, kernel_size=3, offset_groups=2, prior_hidden=4)
-    assert filt.prior_convs[-1].out_channels == 3 * 9 * 2
-    assert filt(torch.randn(2, 8, 5, 7), torch.randn(2, 4, 5, 7)).shape == (2, 8, 5, 7)
-    with pytest.raises(ValueError, match='offset_groups'):
-        PriorDeformFilter(6, offset_groups=4)
+def _copy_shared(src, dst):
+    """Load into ``dst`` every tensor of ``src`` it has under the same name and shape."""
+    own = dst.state_dict()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape},
+                        strict=False)
+
+
+def _trained_looking(module):
+    """Scale up the small-initialised last layers of the predicting convs (trained weights are not at init)."""
+    with torch.no_grad():
+        for name in ('prior_convs', 'feature_convs'):
+            convs = getattr(module.filter, name, None) if module.filter is not None else None
+            if convs is not None:
+                convs[-1].weight.mul_(10)
+
+
+@pytest.mark.parametrize('filter_type', FILTER_TYPES)
+def test_every_filter_type_trains_and_changes_the_output(filter_type):
+    torch.manual_seed(0)
+    default = FMMSA(8, 2, prior_ch=4, prior_hidden=4)
+    attn = FMMSA(8, 2, prior_ch=4, prior_hidden=4, filter_type=filter_type)
+    _copy_shared(default, attn)  # q/k/v and output projections equal: only the filter differs
+    _trained_looking(default)
+    _trained_looking(attn)
+    x = torch.randn(2, 8, 10, 12)
+    z = torch.randn(2, 4, 10, 12, requires_grad=True)
+    out = attn(x, z)
+    assert out.shape == x.shape
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in attn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    uses_prior = attn.filter is not None and attn.filter.uses_prior
+    assert (z.grad is not None and z.grad.abs().sum() > 0) == uses_prior
+    if filter_type == 'modulated_deform':
+        torch.testing.assert_close(out, default(x, z))
+    else:
+        assert not torch.allclose(out, default(x, z), atol=1e-4), filter_type
+    if not uses_prior:  # filters that do not read z run without it
+        assert torch.equal(attn(x, None), out)
+
+
+def test_filter_type_none_is_plain_attention_and_bad_type_raises():
+    torch.manual_seed(0)
+    none = FMMSA(8, 2, prior_ch=4, filter_type='none')
+    torch.manual_seed(0)
+    plain = FMMSA(8, 2, prior_ch=4, use_filter=False)
+    assert none.filter is None and not none.use_filter
+    assert none.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(1, 8, 5, 6)
+    assert torch.equal(none(x), plain(x))
+    with pytest.raises(ValueError, match='filter_type'):
+        FMMSA(8, 2, filter_type='deformable')
+    with pytest.raises(ValueError, match='deform_impl'):
+        FMMSA(8, 2, prior_ch=4, deform_impl='nope')

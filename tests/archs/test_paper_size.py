@@ -33,3 +33,11 @@ def test_stage2_options_have_the_paper_size():
     assert path.is_file(), f'{path} is missing: the paper-schedule stage-2 options must exist'
     opt = yaml.safe_load(path.read_text(encoding='utf-8'))
     _check(build_network(copy.deepcopy(opt['network_g'])), build_network(copy.deepcopy(opt['network_tpe'])))
+
+
+def test_prior_scale_1_keeps_the_paper_size():
+    """The paper's full-resolution prior (prior_scale 1) changes only the pixel-unshuffle encoders (TPE, DM
+    condition): 11.84M, still within the paper's 11.89M ± 3% (measured numbers in docs/performance.md)."""
+    net_g, tpe = TPDiffNet(prior_scale=1), TexturePriorEncoder(prior_scale=1)
+    _check(net_g, tpe)
+    assert (_n(net_g), _n(tpe)) == (11_730_888, 112_640)

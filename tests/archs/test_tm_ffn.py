@@ -6,13 +6,15 @@ import torch.nn.functional as F
 from tpdiff_plugin.archs.tm_ffn import TMFFN
 
 
-
-def _gdfn_reference(ffn, x, gamma=None, phi=None):
-    """Restormer's GDFN written out, with the modulation applied to the gated hidden features."""
+def _gdfn_reference(ffn, x, gamma=None, phi=None, before_dwconv=False):
+    """Restormer's GDFN written out, with the modulation applied to the gated hidden features (or, with
+    ``before_dwconv``, to the expanded features the depthwise conv aggregates)."""
     y = F.conv2d(x, ffn.project_in.weight, ffn.project_in.bias)
+    if gamma is not None and before_dwconv:
+        y = y * (1 + gamma) + phi
     y = F.conv2d(y, ffn.dwconv.weight, ffn.dwconv.bias, padding=1, groups=y.shape[1])
     h = F.gelu(y[:, :ffn.hidden]) * y[:, ffn.hidden:]
-    if gamma is not None:
+    if gamma is not None and not before_dwconv:
         h = h * (1 + gamma) + phi
     return F.conv2d(h, ffn.project_out.weight, ffn.project_out.bias)
 
@@ -74,4 +76,50 @@ def test_prior_change_acts_only_where_it_happens():
         delta = (ffn(x, z2) - ffn(x, z)).abs().sum(dim=1)[0]
     assert delta[4:8, 9:13].min() > 0
     delta[4:8, 9:13] = 0
+    assert delta.max() == 0
+
+
+def test_modulation_before_dwconv_formula_gradients_and_bad_value():
+    torch.manual_seed(0)
+    ffn = TMFFN(6, ffn_expansion_factor=2, prior_ch=3, prior_hidden=4, modulation='before_dwconv')
+    assert ffn.prior_convs[-1].out_channels == 4 * ffn.hidden  # γ, φ for the 2·hidden expanded channels
+    x = torch.randn(2, 6, 5, 7)
+    z = torch.randn(2, 3, 5, 7, requires_grad=True)
+    gamma, phi = ffn.prior_convs(z).chunk(2, dim=1)
+    out = ffn(x, z)
+    torch.testing.assert_close(out, _gdfn_reference(ffn, x, gamma, phi, before_dwconv=True), atol=1e-5, rtol=1e-5)
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in ffn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='tm_ffn_modulation'):
+        TMFFN(6, modulation='after_dwconv')
+
+
+def test_modulation_before_dwconv_changes_the_output():
+    """Same weights where shapes agree, trained-looking prior layers: the two placements give other outputs."""
+    torch.manual_seed(0)
+    after = TMFFN(8, prior_ch=4, prior_hidden=4)
+    before = TMFFN(8, prior_ch=4, prior_hidden=4, modulation='before_dwconv')
+    own = before.state_dict()
+    before.load_state_dict({k: v for k, v in after.state_dict().items() if own[k].shape == v.shape}, strict=False)
+    for ffn in (after, before):
+        with torch.no_grad():
+            ffn.prior_convs[-1].weight.mul_(10)
+    x, z = torch.randn(1, 8, 9, 9), torch.randn(1, 4, 9, 9)
+    assert not torch.allclose(after(x, z), before(x, z), atol=1e-3)
+
+
+def test_modulation_before_dwconv_spreads_a_local_prior_change_by_the_dwconv_only():
+    """Before the depthwise 3x3 conv, a local change of z reaches the region plus one pixel around it."""
+    torch.manual_seed(0)
+    ffn = TMFFN(8, prior_ch=4, prior_hidden=4, modulation='before_dwconv')
+    x = torch.randn(1, 8, 16, 16)
+    z = torch.randn(1, 4, 16, 16)
+    z2 = z.clone()
+    z2[..., 4:8, 9:13] += 2.0
+    with torch.no_grad():
+        delta = (ffn(x, z2) - ffn(x, z)).abs().sum(dim=1)[0]
+    assert delta[3:9, 8:14].min() > 0  # the ring around the region changes too (after_gate: it would not)
+    delta[3:9, 8:14] = 0
     assert delta.max() == 0

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_net
-from tpdiff_plugin.archs.fm_msa import PriorDeformFilter
+from tpdiff_plugin.archs.adaptive_filter import FILTER_TYPES, PriorDeformFilter
+from tpdiff_plugin.archs.tpe_arch import TexturePriorEncoder
 from tpdiff_plugin.archs.ttformer_arch import LayerNorm2d, TPDiffNet, TTformerBlock, rescale_prior, resize_prior
 
 # two heads at the coarse levels; prior_ch 6 and T = 3 are what the shapes and counts below spell out
@@ -259,3 +260,78 @@ def test_grad_checkpoint_gives_the_same_output_and_gradients():
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
     with torch.no_grad():  # inference is untouched by the flag
         torch.testing.assert_close(_net(grad_checkpoint=True)(x, prior=z), out0, atol=0, rtol=0)
+
+
+def _copy_shared(src, dst):
+    """Load into ``dst`` every tensor of ``src`` it has under the same name and shape."""
+    own = dst.state_dict()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape},
+                        strict=False)
+
+
+def _scale_prior_layers(net):
+    """Trained-looking weights: scale up the small-initialised last layers of every Convs(z) / Convs(F)."""
+    with torch.no_grad():
+        for name, m in net.named_modules():
+            if name.endswith(('prior_convs', 'feature_convs')):
+                m[-1].weight.mul_(10)
+
+
+VARIANTS = [dict(filter_type=t) for t in FILTER_TYPES if t != 'modulated_deform'] + \
+    [dict(tm_ffn_modulation='before_dwconv')]
+
+
+@pytest.mark.parametrize('variant', VARIANTS, ids=lambda v: next(iter(v.values())))
+def test_network_variants_train_and_change_the_output(variant):
+    """Each filter_type / tm_ffn_modulation: every parameter and the prior get gradient, and with the default
+    network's weights wherever they fit, the output differs from the default network's."""
+    default, net = _net(), _net(**variant)
+    _copy_shared(default, net)
+    _scale_prior_layers(default)
+    _scale_prior_layers(net)
+    lq = torch.randn(2, 3, 35, 29)
+    prior = torch.randn(*net.prior_shape(lq), requires_grad=True)
+    out = net(lq, prior=prior)
+    assert out.shape == lq.shape
+    (out * torch.randn_like(out)).sum().backward()
+    _assert_all_grads(net, skip=('dm.',))
+    assert prior.grad.abs().sum() > 0  # TM-FFN reads the prior whatever the filter
+    with torch.no_grad():
+        assert not torch.allclose(out, default(lq, prior=prior), atol=1e-4)
+    assert net(lq).shape == lq.shape  # the inference path (DM sampling) too
+
+
+def test_filter_and_modulation_options_reach_every_block():
+    net = _net(filter_type='predicted', tm_ffn_modulation='before_dwconv')
+    blocks = [m for m in net.modules() if isinstance(m, TTformerBlock)]
+    assert len(blocks) == 8  # TINY: one block per level (4 encoder, 3 decoder) and one refinement block
+    assert {b.attn.filter_type for b in blocks} == {'predicted'}
+    assert {b.ffn.modulation for b in blocks} == {'before_dwconv'}
+    net.set_deform_impl('torchvision')
+    assert {b.attn.filter.deform_impl for b in blocks} == {'torchvision'}
+    # fm_msa false is filter_type none: the same network
+    a, b = _net(fm_msa=False), _net(filter_type='none')
+    assert a.state_dict().keys() == b.state_dict().keys()
+    lq = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(a(lq, prior=torch.zeros(1, 6, 4, 4)), b(lq, prior=torch.zeros(1, 6, 4, 4)))
+    for bad in (dict(filter_type='deformable'), dict(filter_type='dcn', fm_msa=False)):
+        with pytest.raises(ValueError, match='filter_type'):
+            _net(**bad)
+    with pytest.raises(ValueError, match='tm_ffn_modulation'):
+        _net(tm_ffn_modulation='before_gate')
+
+
+def test_prior_scale_1_end_to_end_with_the_tpe_and_the_dm():
+    """prior_scale 1 (the paper's full-resolution prior): TPE -> DM training target -> U-Net, and sampling."""
+    net = _net(prior_scale=1)
+    tpe = TexturePriorEncoder(prior_ch=6, mem_slots=16, prior_scale=1, enc_ch=4)
+    lq, sharp = torch.rand(2, 3, 21, 18), torch.rand(2, 3, 21, 18)
+    z = tpe(lq, sharp)
+    assert z.shape == net.prior_shape(lq) == (2, 6, 21, 18)
+    out, z_hat = net(lq, prior_target=z.detach(), return_prior=True)  # stage 2's joint training path
+    assert out.shape == lq.shape and z_hat.shape == z.shape
+    ((out - sharp).abs().mean() + (z_hat - z.detach()).abs().mean()).backward()
+    _assert_all_grads(net)
+    with torch.no_grad():
+        assert net(lq, prior=z).shape == lq.shape  # stage 1's path
+        assert net(lq).shape == lq.shape  # inference: the DM samples a full-resolution prior

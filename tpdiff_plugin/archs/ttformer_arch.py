@@ -36,7 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from tpdiff_plugin.archs.arch_util import icnr_, pad_to_multiple, zero_init_
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
-from tpdiff_plugin.archs.fm_msa import FMMSA, PriorDeformFilter, check_deform_impl
+from tpdiff_plugin.archs.adaptive_filter import DeformFilterBase, check_deform_impl, check_filter_type
+from tpdiff_plugin.archs.fm_msa import FMMSA
 from tpdiff_plugin.archs.tm_ffn import TMFFN
 
 
@@ -60,19 +61,21 @@ class LayerNorm2d(nn.Module):
 
 class TTformerBlock(nn.Module):
     """TTformer block. ``use_prior=False`` builds a prior-free block (Restormer's); ``fm_msa=False`` keeps
-    TM-FFN's modulation but replaces FM-MSA by plain transposed attention."""
+    TM-FFN's modulation but replaces FM-MSA by plain transposed attention. ``filter_type`` is FM-MSA's filter,
+    ``tm_ffn_modulation`` where TM-FFN modulates (see ``TPDiffNet``)."""
 
     def __init__(self, dim, num_heads, ffn_expansion_factor=2.66, bias=False, prior_ch=64, use_prior=True,
-                 fm_msa=True, filter_kernel=3, offset_groups=1, prior_hidden=16, deform_impl='auto'):
+                 fm_msa=True, filter_kernel=3, offset_groups=1, prior_hidden=16, deform_impl='auto',
+                 filter_type='modulated_deform', tm_ffn_modulation='after_gate'):
         super().__init__()
         self.use_prior = use_prior
         self.norm1 = LayerNorm2d(dim)
         self.attn = FMMSA(dim, num_heads, bias=bias, prior_ch=prior_ch, use_filter=fm_msa and use_prior,
                           filter_kernel=filter_kernel, offset_groups=offset_groups, prior_hidden=prior_hidden,
-                          deform_impl=deform_impl)
+                          deform_impl=deform_impl, filter_type=filter_type)
         self.norm2 = LayerNorm2d(dim)
         self.ffn = TMFFN(dim, ffn_expansion_factor=ffn_expansion_factor, bias=bias, prior_ch=prior_ch,
-                         use_prior=use_prior, prior_hidden=prior_hidden)
+                         use_prior=use_prior, prior_hidden=prior_hidden, modulation=tm_ffn_modulation)
 
     def forward(self, x, z=None):
         x = x + self.attn(self.norm1(x), z)
@@ -165,8 +168,11 @@ class TPDiffNet(nn.Module):
 
     Args: in_ch / out_ch (Restormer's inp_channels / out_channels; equal, the output is lq + residual); dim,
     num_blocks, num_refinement_blocks, heads, ffn_expansion_factor and bias as Restormer's. Beyond Restormer's:
-    prior_ch / prior_scale (the TPE's C and s), filter_kernel (k of FM-MSA's deformable filter), offset_groups,
-    prior_hidden (width of the Convs(z) in each block), fm_msa, multi_scale_prior, use_dm, dm_feats / dm_blocks /
+    prior_ch / prior_scale (the TPE's C and s), filter_kernel (k of FM-MSA's filter, odd), offset_groups,
+    prior_hidden (width of the Convs(z) in each block), fm_msa, filter_type (FM-MSA's filter: 'modulated_deform'
+    (default), 'predicted', 'feature_deform', 'plain', 'separable' or 'none', see ``adaptive_filter.py``; with
+    fm_msa false there is none), tm_ffn_modulation (where TM-FFN applies h·(1+γ)+φ: 'after_gate' (default) or
+    'before_dwconv', see ``tm_ffn.py``), multi_scale_prior, use_dm, dm_feats / dm_blocks /
     dm_cond_blocks / dm_timesteps / dm_beta_start / dm_beta_end (PriorDiffusion's feat_ch / num_blocks /
     num_cond_blocks / timesteps / beta_start / beta_end), deform_impl ('auto', 'torchvision', 'grid_sample'),
     grad_checkpoint (recompute block activations in backward to save training memory: measured on CPU, one
@@ -183,9 +189,10 @@ class TPDiffNet(nn.Module):
                  filter_kernel=3, fm_msa=True, multi_scale_prior=True, use_dm=True, dm_feats=64, dm_blocks=5,
                  dm_timesteps=8, deform_impl='auto', offset_groups=1, prior_hidden=16, dm_cond_blocks=2,
                  dm_beta_start=0.1, dm_beta_end=0.99, grad_checkpoint=False, identity_init=True,
-                 icnr_init=True):
+                 icnr_init=True, filter_type='modulated_deform', tm_ffn_modulation='after_gate'):
         super().__init__()
         check_deform_impl(deform_impl)
+        check_filter_type(filter_type)
         if dim % 2:
             raise ValueError(f'dim must be even (pixel-unshuffle halves it before doubling), got {dim}')
         if out_ch != in_ch:
@@ -202,7 +209,7 @@ class TPDiffNet(nn.Module):
 
         common = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, prior_ch=prior_ch, fm_msa=fm_msa,
                       filter_kernel=filter_kernel, offset_groups=offset_groups, prior_hidden=prior_hidden,
-                      deform_impl=deform_impl)
+                      deform_impl=deform_impl, filter_type=filter_type, tm_ffn_modulation=tm_ffn_modulation)
 
         def level(n, d, h, full_res):
             return TTformerLevel(n, grad_checkpoint=grad_checkpoint, dim=d, num_heads=h,
@@ -230,10 +237,11 @@ class TPDiffNet(nn.Module):
             zero_init_(self.output)
 
     def set_deform_impl(self, impl):
-        """Switch every FM-MSA filter to ``impl`` ('auto', 'torchvision', 'grid_sample'); weights are unaffected."""
+        """Switch every FM-MSA deformable filter to ``impl`` ('auto', 'torchvision', 'grid_sample'); weights are
+        unaffected."""
         check_deform_impl(impl)
         for m in self.modules():
-            if isinstance(m, PriorDeformFilter):
+            if isinstance(m, DeformFilterBase):
                 m.deform_impl = impl
 
     def prior_shape(self, lq):
