@@ -23,13 +23,20 @@ from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 ALL_YAML = sorted(glob.glob(str(OPTIONS / '**' / '*.yml'), recursive=True))
-ABLATIONS = {  # part -> the dotted keys that may differ from tpdiff_stage2.yml besides the name
-    'dm': {'network_g.use_dm': False, 'path.strict_load_g': False},
-    'tpe': {'train.use_tpe': False},
-    'ttformer': {'network_g.fm_msa': False, 'path.strict_load_g': False},
-    'multiscale': {'network_g.multi_scale_prior': False, 'path.strict_load_g': False},
-    'joint_train': {'train.joint_train': False},
-    'waveloss': {'train.wave_opt.loss_weight': 0},
+# ablations/tpdiff_stage2_<part>.yml, named TPDiff_Stage2_GoPro_<part> -> the dotted keys that may differ
+# from tpdiff_stage2.yml besides the name
+ABLATIONS = {
+    'wo_dm': {'network_g.use_dm': False, 'path.strict_load_g': False},
+    'wo_tpe': {'train.use_tpe': False},
+    'wo_ttformer': {'network_g.fm_msa': False, 'path.strict_load_g': False},
+    'wo_multiscale': {'network_g.multi_scale_prior': False, 'path.strict_load_g': False},
+    'wo_joint_train': {'train.joint_train': False},
+    'wo_waveloss': {'train.wave_opt.loss_weight': 0},
+    # the paper's filter comparison (adaptive vs no / plain / deformable / separable filtering) and the
+    # other readings of FM-MSA's filter and of where TM-FFN modulates (issue 13)
+    **{f'filter_{t}': {'network_g.filter_type': t, 'path.strict_load_g': False}
+       for t in ('predicted', 'feature_deform', 'plain', 'separable', 'none')},
+    'ffn_before_dwconv': {'network_g.tm_ffn_modulation': 'before_dwconv', 'path.strict_load_g': False},
 }
 OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train.gan_opt', 'train.cycle_opt',
         'train.wave_opt', 'train.diff_opt', 'val.sample_seed', 'network_g', 'network_tpe', 'network_rb',
@@ -37,7 +44,7 @@ OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train
         'wavelet', 'mode', 'optim_d', 'ema_decay', 'identity_init', 'icnr_init', 'mem_ema_decay',
         'train.sharp_cycle_prior', 'train.dm_target', 'resume_optim_d', 'train.cycle_sharp_opt',
         'train.gan_sharp_opt', 'train.identity_opt', 'train.sharp_cycle_trains_rb', 'train.r1_weight',
-        'train.d_update_every')
+        'train.d_update_every', 'filter_type', 'tm_ffn_modulation')
 
 
 def load(path):
@@ -74,7 +81,7 @@ def test_every_yaml_parses_and_the_expected_files_exist():
         assert isinstance(load(path), dict), name(path)
     expected = ['tpdiff_stage1.yml', 'tpdiff_stage2.yml', 'test/gopro.yml', 'test/hide.yml',
                 'test/realblur_j.yml', 'test/realblur_r.yml', 'demo/stage1.yml', 'demo/stage2.yml',
-                'test/demo.yml'] + [f'ablations/tpdiff_stage2_wo_{p}.yml' for p in ABLATIONS]
+                'test/demo.yml'] + [f'ablations/tpdiff_stage2_{p}.yml' for p in ABLATIONS]
     assert set(expected) <= {name(p) for p in BASICSR_FILES}
     assert (OPTIONS / 'README.md').is_file()
 
@@ -246,10 +253,10 @@ def test_test_options_load_what_stage2_trains(test_file):
 @pytest.mark.parametrize('part', sorted(ABLATIONS))
 def test_ablation_differs_from_stage2_only_in_its_switch(part):
     base = flatten(load(OPTIONS / 'tpdiff_stage2.yml'))
-    abl = flatten(load(OPTIONS / 'ablations' / f'tpdiff_stage2_wo_{part}.yml'))
+    abl = flatten(load(OPTIONS / 'ablations' / f'tpdiff_stage2_{part}.yml'))
     assert abl.keys() == base.keys()
     diff = {k: abl[k] for k in base if abl[k] != base[k]}
-    assert diff.pop('name') == f'TPDiff_Stage2_GoPro_wo_{part}'
+    assert diff.pop('name') == f'TPDiff_Stage2_GoPro_{part}'
     assert diff == ABLATIONS[part]
 
 
@@ -281,4 +288,4 @@ def test_readme_explains_our_keys():
     for key in OURS:
         assert f'`{key.split(".")[-1]}' in text, key
     for part in ABLATIONS:
-        assert f'tpdiff_stage2_wo_{part}.yml' in text
+        assert f'tpdiff_stage2_{part}.yml' in text
