@@ -7,9 +7,10 @@
 #     way the README says (`pip install --no-build-isolation basicsr==1.4.2`, with its own dependencies), then
 #     the wheel with its dependencies;
 #  3. `pip check` must be clean and exactly one OpenCV distribution installed;
-#  4. from an empty folder: `tpdiff --version`, `tpdiff options list`, `tpdiff make-demo`, a few `basicsr train`
-#     iterations of each demo stage (stage 1 from a copied option file, stage 2 by its packaged name), then
-#     `tpdiff deblur --weights` without `--opt`, which must write the deblurred image.
+#  4. from an empty folder, the README's "Using it with BasicSR" commands: `tpdiff --version`, `tpdiff options
+#     list`, `tpdiff make-demo`, a few `basicsr train` iterations of each demo stage (stage 1 by the README's path
+#     options/demo/stage1.yml, which this folder does not have; stage 2 from a file `tpdiff options copy` wrote),
+#     then `tpdiff deblur --weights` without `--opt`, which must write the deblurred image.
 # Any failing step fails the test (set -e). WORK=<dir> keeps the folder (default: a temporary one, removed).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -46,10 +47,10 @@ BIN="$WORK/venv/bin"
 "$BIN/tpdiff" --version
 "$BIN/tpdiff" options list | tail -n 3
 "$BIN/tpdiff" make-demo
-"$BIN/tpdiff" options copy demo/stage1 mine
+"$BIN/tpdiff" options copy demo/stage2 mine
 SHORT=(train:total_iter=4 val:val_freq=4 logger:print_freq=2 logger:save_checkpoint_freq=4)
-"$BIN/basicsr" train -opt mine/stage1.yml --force_yml "${SHORT[@]}"
-"$BIN/basicsr" train -opt demo/stage2 --force_yml "${SHORT[@]}"
+"$BIN/basicsr" train -opt options/demo/stage1.yml --force_yml "${SHORT[@]}"
+"$BIN/basicsr" train -opt mine/stage2.yml --force_yml "${SHORT[@]}"
 "$BIN/tpdiff" deblur -i datasets_lmdb/demo/real -o deblurred \
     --weights experiments/TPDiff_Demo_Stage2/models/net_g_latest.pth --quiet
 ls -l deblurred
