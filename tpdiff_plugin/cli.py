@@ -22,7 +22,7 @@ from tpdiff_plugin.utils.option_files import apply_force_yml, find_options_file,
 from tpdiff_plugin.version import __version__
 
 # Modules under tpdiff_plugin.tools that provide a `tpdiff` sub-command, in --help order.
-TOOL_MODULES = ['make_lmdb', 'make_demo', 'options', 'info', 'deblur', 'export', 'compare', 'report']
+TOOL_MODULES = ['make_lmdb', 'make_demo', 'options', 'info', 'deblur', 'explain', 'export', 'compare', 'report']
 
 
 def _fail(message, code=2):
