@@ -240,7 +240,7 @@ def test_cli_errors_name_the_culprit(gopro, tmp_path, capsys):
     root, _ = gopro
     out = str(tmp_path / 'o')
     code, err = run_cli(capsys, '--layout', 'gopr', '--input', str(root), '--output', out, '--split', 'test')
-    assert code == 2 and "'gopr'" in err and 'gopro, hide, realblur_j, realblur_r, folder' in err
+    assert code == 2 and "'gopr'" in err and 'gopro, hide, realblur_j, realblur_r, rsblur, rb2v, folder' in err
     code, err = run_cli(capsys, '--layout', 'gopro', '--input', str(tmp_path / 'nope'), '--output', out,
                         '--split', 'test')
     assert code == 2 and 'nope' in err
@@ -256,6 +256,12 @@ def test_cli_errors_name_the_culprit(gopro, tmp_path, capsys):
     code, err = run_cli(capsys, '--layout', 'gopro', '--input', str(root), '--output', out, '--split', 'test',
                         '--unpaired')
     assert code == 2 and '--unpaired' in err
+    code, err = run_cli(capsys, '--layout', 'gopro', '--input', str(root), '--output', out, '--split', 'train',
+                        '--unpaired', '--protocol', 'whole')
+    assert code == 2 and "--protocol: unknown protocol 'whole'; one of: scene_split, whole_set" in err
+    code, err = run_cli(capsys, '--layout', 'gopro', '--input', str(root), '--output', out, '--split', 'train',
+                        '--protocol', 'whole_set')
+    assert code == 2 and '--protocol whole_set: only with --unpaired' in err
     assert not os.path.exists(out)  # nothing was created by any of these
 
 
