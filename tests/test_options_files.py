@@ -20,6 +20,7 @@ from basicsr.losses import build_loss
 from basicsr.models import build_model
 from basicsr.utils.options import ordered_yaml, parse_options
 from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
+from tpdiff_plugin.data.dataset_layouts import Pair, unpaired_sets
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 ALL_YAML = sorted(glob.glob(str(OPTIONS / '**' / '*.yml'), recursive=True))
@@ -80,7 +81,8 @@ def test_every_yaml_parses_and_the_expected_files_exist():
     for path in ALL_YAML:
         assert isinstance(load(path), dict), name(path)
     expected = ['tpdiff_stage1.yml', 'tpdiff_stage2.yml', 'test/gopro.yml', 'test/hide.yml',
-                'test/realblur_j.yml', 'test/realblur_r.yml', 'demo/stage1.yml', 'demo/stage2.yml',
+                'test/realblur_j.yml', 'test/realblur_r.yml', 'test/rsblur.yml', 'test/rb2v_street.yml',
+                'demo/stage1.yml', 'demo/stage2.yml',
                 'test/demo.yml'] + [f'ablations/tpdiff_stage2_{p}.yml' for p in ABLATIONS]
     assert set(expected) <= {name(p) for p in BASICSR_FILES}
     assert (OPTIONS / 'README.md').is_file()
@@ -198,6 +200,57 @@ def test_paper_config_spells_out_the_class_defaults_and_sizes():
     assert abs(n_params - 11.89e6) <= 0.03 * 11.89e6
 
 
+# Frames per scene of GoPro's train split (2,103 in 22 scenes), as listed by the RSBlur repository's
+# datalist/GoPro/GoPro_INTER_ABME_train.txt (one line per GOPRO_Large train frame).
+GOPRO_TRAIN_FRAMES = {
+    'GOPR0372_07_00': 100, 'GOPR0372_07_01': 75, 'GOPR0374_11_00': 150, 'GOPR0374_11_01': 80,
+    'GOPR0374_11_02': 100, 'GOPR0374_11_03': 48, 'GOPR0378_13_00': 110, 'GOPR0379_11_00': 100,
+    'GOPR0380_11_00': 60, 'GOPR0384_11_01': 100, 'GOPR0384_11_02': 100, 'GOPR0384_11_03': 100,
+    'GOPR0384_11_04': 100, 'GOPR0385_11_00': 100, 'GOPR0386_11_00': 100, 'GOPR0477_11_00': 80,
+    'GOPR0857_11_00': 100, 'GOPR0868_11_01': 100, 'GOPR0868_11_02': 100, 'GOPR0871_11_01': 100,
+    'GOPR0881_11_00': 100, 'GOPR0884_11_00': 100}
+
+
+def epochs_in_iterations(epochs, protocol, data, seed=0, gpus=1):
+    """basicsr's count: an epoch is ceil(N * dataset_enlarge_ratio / (batch_size_per_gpu * GPUs)) iterations, N the
+    blurry images of GoPro's train split under ``protocol`` (make-lmdb's own split rule, at its default seed)."""
+    pairs = [Pair(scene, f'{scene}-{i:06d}', 'b', 's') for scene, n in GOPRO_TRAIN_FRAMES.items() for i in range(n)]
+    n_blur = len(unpaired_sets(pairs, protocol, seed)[0])
+    per_epoch = math.ceil(n_blur * data['dataset_enlarge_ratio'] / (data['batch_size_per_gpu'] * gpus))
+    return epochs * per_epoch
+
+
+def test_epoch_arithmetic_of_both_protocols():
+    assert sum(GOPRO_TRAIN_FRAMES.values()) == 2103
+    data = {'dataset_enlarge_ratio': 1, 'batch_size_per_gpu': 8}
+    assert epochs_in_iterations(200, 'whole_set', data) == 200 * 263 == 52600
+    assert epochs_in_iterations(200, 'scene_split', data) == 200 * math.ceil(1088 / 8) == 27200
+    # a total batch of 8 over 2 GPUs, or a doubled enlarge ratio at batch 16, counts the same
+    assert epochs_in_iterations(200, 'whole_set', dict(data, batch_size_per_gpu=4), gpus=2) == 52600
+    assert epochs_in_iterations(200, 'whole_set', {'dataset_enlarge_ratio': 2, 'batch_size_per_gpu': 16}) == 52600
+    for stage in (1, 2):
+        opt = load(OPTIONS / 'whole_set' / f'tpdiff_stage{stage}.yml')
+        assert opt['train']['total_iter'] == epochs_in_iterations(200, 'whole_set', opt['datasets']['train'])
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+def test_whole_set_files_differ_from_the_paper_files_only_in_the_protocol(stage):
+    base = flatten(load(OPTIONS / f'tpdiff_stage{stage}.yml'))
+    whole = flatten(load(OPTIONS / 'whole_set' / f'tpdiff_stage{stage}.yml'))
+    assert whole.keys() == base.keys()
+    diff = {k: whole[k] for k in base if whole[k] != base[k]}
+    expected = {'name': f'TPDiff_Stage{stage}_GoPro_WholeSet', 'datasets.train.name': 'GoPro_unpaired_whole_set',
+                'datasets.train.dataroot_blur': 'datasets_lmdb/gopro/gopro_train_all_blur.lmdb',
+                'datasets.train.dataroot_sharp': 'datasets_lmdb/gopro/gopro_train_all_sharp.lmdb',
+                'train.total_iter': 52600}
+    if stage == 1:
+        expected['logger.save_checkpoint_freq'] = 5260
+    else:
+        expected.update({k: v.replace('TPDiff_Stage1_GoPro/', 'TPDiff_Stage1_GoPro_WholeSet/') for k, v in base.items()
+                         if k.startswith('path.') and isinstance(v, str) and 'TPDiff_Stage1_GoPro/' in v})
+    assert diff == expected
+
+
 def test_paper_schedule():
     for stage in (1, 2):
         opt = load(OPTIONS / f'tpdiff_stage{stage}.yml')
@@ -207,8 +260,8 @@ def test_paper_schedule():
         assert data['dataroot_blur'].startswith('datasets_lmdb/gopro/')
         for key in ('optim_g', 'optim_d'):
             assert train[key]['type'] == 'Adam' and train[key]['lr'] == pytest.approx(1e-4)
-        # 200 epochs of the blurry half of GoPro's 2103 training frames at batch 8
-        assert train['total_iter'] == 200 * math.ceil(math.ceil(2103 / 2) / 8)
+        # 200 epochs of the scene split's blurry frames at a total batch of 8 (see epochs_in_iterations)
+        assert train['total_iter'] == epochs_in_iterations(200, 'scene_split', data) == 27200
         assert (train['gan_opt']['loss_weight'], train['cycle_opt']['loss_weight'],
                 train['wave_opt']['loss_weight']) == (1.0, 0.1, 0.2)
         assert train['wave_opt']['type'] == 'WaveletGANLoss' and train['wave_opt']['wavelet'] == 'haar'
@@ -224,7 +277,8 @@ def test_paper_schedule():
 
 
 @pytest.mark.parametrize('first,second', [
-    ('tpdiff_stage1.yml', 'tpdiff_stage2.yml'), ('demo/stage1.yml', 'demo/stage2.yml')])
+    ('tpdiff_stage1.yml', 'tpdiff_stage2.yml'), ('demo/stage1.yml', 'demo/stage2.yml'),
+    ('whole_set/tpdiff_stage1.yml', 'whole_set/tpdiff_stage2.yml')])
 def test_stage2_networks_match_stage1(first, second):
     a, b = load(OPTIONS / first), load(OPTIONS / second)
     nets = [k for k in a if k.startswith('network_')]
@@ -241,7 +295,8 @@ def test_stage2_networks_match_stage1(first, second):
 
 
 @pytest.mark.parametrize('test_file', ['test/gopro.yml', 'test/hide.yml', 'test/realblur_j.yml',
-                                       'test/realblur_r.yml', 'test/demo.yml'])
+                                       'test/realblur_r.yml', 'test/rsblur.yml', 'test/rb2v_street.yml',
+                                       'test/demo.yml'])
 def test_test_options_load_what_stage2_trains(test_file):
     test = load(OPTIONS / test_file)
     train = load(OPTIONS / ('demo/stage2.yml' if 'demo' in test_file else 'tpdiff_stage2.yml'))
