@@ -30,7 +30,11 @@ moving average of the memories written through stage 1, so the target is a funct
 validation, and the w/o-DM ablation, read the same memory as the stage-2 target.
 
 TPE memory usage is logged at ``print_freq`` (and to tensorboard) as ``tpe_entries`` (distinct entries
-read by the real blurry batch) and ``tpe_perplexity``; a value near 1 means a collapsed memory.
+read by the real blurry batch) and ``tpe_perplexity``; a value near 1 means a collapsed memory. Validation
+logs the usage of its own priors over the validation set (stage 1: the entries the TPE read; stage 2: the
+entries nearest the DM's priors), and with a tensorboard logger writes it as ``metrics/<set>/tpe_entries`` and
+``tpe_perplexity`` together with the ``tpdiff explain`` figure (input, output, prior colours, memory index,
+FM-MSA offsets; ``tpdiff_plugin/explain.py``) of the first ``TB_FIGURES`` validation images, ``explain/<set>/<image>``.
 
 Stage 2 continues stage 1's game: the stage-2 options load the stage-1 discriminators
 (``path.pretrain_network_d_sharp / _d_blur / _d_wave``) and, with ``path.resume_optim_d`` (a stage-1
@@ -52,6 +56,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from tpdiff_plugin.explain import explain_figure, explain_image, nearest_entries
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.checkpoint import read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
@@ -67,6 +72,7 @@ class TPDiffModel(UnpairedCycleModel):
                                                   'dm_target'}
     VAL_KEYS = frozenset({'sample_seed'})
     PATH_KEYS = frozenset({'resume_optim_d'})
+    TB_FIGURES = 2  # validation images whose explain figure goes to tensorboard
 
     def __init__(self, opt):
         stage = opt.get('stage')
@@ -247,16 +253,57 @@ class TPDiffModel(UnpairedCycleModel):
             return f'TPE memory from training sharp batch ({self.last_sharp.shape[0]} images)'
         return f'TPE learned memory without sharp enhancement{suffix}'
 
+    def _val_memory(self):
+        """The TPE memory validation reads (stage 1, w/o DM), or compares the DM's priors with (stage 2)."""
+        memory = self.inference_memory()
+        return self.bare('tpe').memory if memory is None else memory
+
     def deblur_test(self, net_g, lq):
+        usage = getattr(self, 'val_indices', None)  # a list while a validation collects the memory usage
         if self.stage == 2 and self.has_dm:
             seed = (self.opt.get('val') or {}).get('sample_seed', 0)
             generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-            return net_g(lq, generator=generator)
-        return net_g(lq, prior=self.bare('tpe').read(lq, memory=self.inference_memory()))
+            out, z = net_g(lq, generator=generator, return_prior=True)
+            if usage is not None:
+                usage.append(nearest_entries(z, self._val_memory()))
+            return out
+        z, index = self.bare('tpe').read(lq, memory=self.inference_memory(), return_index=True)
+        if usage is not None:
+            usage.append(index)
+        return net_g(lq, prior=z)
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         get_root_logger().info(f'Validation prior: {self.prior_description()}')
-        super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        self.val_indices = [] if 'tpe' in self.net_labels else None
+        try:
+            super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+            indices = self.val_indices
+        finally:
+            self.val_indices = None
+        name = dataloader.dataset.opt['name']
+        if indices:
+            entries, perplexity = self.bare('tpe').usage(torch.cat([i.flatten() for i in indices]))
+            get_root_logger().info(f'Validation {name}: TPE memory usage {entries:.0f} entries, perplexity '
+                                   f'{perplexity:.2f}')
+            if tb_logger is not None:
+                tb_logger.add_scalar(f'metrics/{name}/tpe_entries', entries, current_iter)
+                tb_logger.add_scalar(f'metrics/{name}/tpe_perplexity', perplexity, current_iter)
+        if tb_logger is not None:
+            self.log_explain_figures(dataloader, name, current_iter, tb_logger)
+
+    def log_explain_figures(self, dataloader, name, current_iter, tb_logger):
+        """The ``tpdiff explain`` figure of the first ``TB_FIGURES`` validation images, to tensorboard: the
+        networks, prior and seed of this validation."""
+        tpe = self.bare('tpe') if 'tpe' in self.net_labels else None
+        memory = self._val_memory() if tpe is not None else None
+        ema = getattr(self, 'net_g_ema', None)
+        net = ema if ema is not None else self.bare('g')
+        seed = (self.opt.get('val') or {}).get('sample_seed', 0)
+        for i, data in zip(range(self.TB_FIGURES), dataloader):
+            result = explain_image(net, data['lq'][:1], tpe=tpe, stage=self.stage, memory=memory,
+                                   seed=0 if seed is None else seed, device=self.device)
+            image = os.path.splitext(os.path.basename((data.get('lq_path') or [f'image{i}'])[0]))[0]
+            tb_logger.add_image(f'explain/{name}/{image}', explain_figure(result), current_iter, dataformats='HWC')
 
     # ------------------------------------------------------------------ resume
     def extra_training_state(self):
