@@ -2,7 +2,7 @@
 
     utils/  version                          (bottom: depends on nothing of ours)
     archs/  losses/  data/  compat  registry (may use utils; archs, losses and data not each other)
-    models/  inference  explain  option_check  (may use everything below)
+    models/  inference  explain  option_check  spandrel  (may use everything below)
     tools/  cli  train  test                 (the command line, on top)
 
 The package root ``__init__`` wires the registries and is left out.
@@ -15,7 +15,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / 'tpdiff_plugin'
 
 LEVELS = {'utils': 0, 'version': 0, 'archs': 1, 'losses': 1, 'data': 1, 'compat': 1, 'registry': 1,
-          'models': 2, 'inference': 2, 'explain': 2, 'option_check': 2, 'tools': 3, 'cli': 3, 'train': 3, 'test': 3}
+          'models': 2, 'inference': 2, 'explain': 2, 'option_check': 2, 'spandrel': 2, 'tools': 3, 'cli': 3,
+          'train': 3, 'test': 3}
 SIBLINGS = {'archs', 'losses', 'data'}  # the bottom layer's three parts stay independent
 
 
