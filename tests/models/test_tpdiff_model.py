@@ -548,3 +548,32 @@ def test_default_networks_start_as_the_identity_in_training(tmp_path):
     model.feed_data({'lq': x})
     model.test()
     assert torch.equal(model.output, x)
+
+
+@pytest.mark.parametrize('switch', [('filter_type', t) for t in ('predicted', 'feature_deform', 'plain', 'separable',
+                                                                 'none')] + [('tm_ffn_modulation', 'before_dwconv')],
+                         ids=lambda s: s[1])
+def test_stage2_filter_ablations_start_from_the_default_stage1_net_and_train(stage1_ckpt, switch):
+    """What options/ablations/tpdiff_stage2_filter_*.yml (and _ffn_before_dwconv) do: DN with another filter or
+    TM-FFN placement loads the default stage-1 DN with strict_load_g false (the layers that fit, a layer of
+    another shape skipped) and trains, its own layers included."""
+    _, paths = stage1_ckpt
+    opt = stage2_opt(stage1_ckpt)
+    opt['network_g'][switch[0]] = switch[1]
+    opt['path']['strict_load_g'] = False
+    model = build(opt)
+    net = model.bare('g')
+    saved = torch.load(paths['g'], weights_only=True)['params']
+    own = net.state_dict()
+    shared = [k for k, v in saved.items() if k in own and own[k].shape == v.shape]
+    assert all(torch.equal(own[k], saved[k]) for k in shared)
+    assert len(shared) < len(saved) and 'patch_embed.weight' in shared  # another network, partly loaded
+    before = snapshot(net)
+    model.feed_data(batch(50))
+    model.optimize_parameters(1)
+    assert all(math.isfinite(v) for v in model.get_current_log().values())
+    moved = changed(before, net)
+    # the variant's own layers train: its filter (the qkv projection without one), or TM-FFN's prior layers
+    own_layers = {'none': '.attn.qkv.', 'before_dwconv': '.ffn.prior_convs.'}.get(switch[1], '.attn.filter.')
+    assert [k for k in own if own_layers in k] and all(k in moved for k in own if own_layers in k)
+    assert 'patch_embed.weight' in moved
