@@ -45,7 +45,7 @@ OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train
         'wavelet', 'mode', 'optim_d', 'ema_decay', 'identity_init', 'icnr_init', 'mem_ema_decay',
         'train.sharp_cycle_prior', 'train.dm_target', 'resume_optim_d', 'train.cycle_sharp_opt',
         'train.gan_sharp_opt', 'train.identity_opt', 'train.sharp_cycle_trains_rb', 'train.r1_weight',
-        'train.d_update_every', 'filter_type', 'tm_ffn_modulation')
+        'train.d_update_every', 'filter_type', 'tm_ffn_modulation', 'sharp_sampling', 'sharp_image')
 
 
 def load(path):
@@ -248,6 +248,21 @@ def test_whole_set_files_differ_from_the_paper_files_only_in_the_protocol(stage)
     else:
         expected.update({k: v.replace('TPDiff_Stage1_GoPro/', 'TPDiff_Stage1_GoPro_WholeSet/') for k, v in base.items()
                          if k.startswith('path.') and isinstance(v, str) and 'TPDiff_Stage1_GoPro/' in v})
+    assert diff == expected
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+@pytest.mark.parametrize('mode', ['clustered', 'single'])
+def test_sharp_sampling_files_differ_from_the_paper_files_only_in_the_sampling(stage, mode):
+    base = flatten(load(OPTIONS / f'tpdiff_stage{stage}.yml'))
+    variant = flatten(load(OPTIONS / 'analysis' / f'tpdiff_stage{stage}_sharp_{mode}.yml'))
+    assert variant.pop('datasets.train.sharp_sampling') == mode
+    assert variant.keys() == base.keys()
+    diff = {k: variant[k] for k in base if variant[k] != base[k]}
+    expected = {'name': f'TPDiff_Stage{stage}_GoPro_sharp_{mode}'}
+    if stage == 2:  # stage 2 continues the stage-1 run with the same sampling
+        expected.update({k: v.replace('TPDiff_Stage1_GoPro/', f'TPDiff_Stage1_GoPro_sharp_{mode}/')
+                         for k, v in base.items() if isinstance(v, str) and 'TPDiff_Stage1_GoPro/' in v})
     assert diff == expected
 
 

@@ -7,7 +7,8 @@ checkpoint paths named in it exist.
 
 A model or dataset class that declares its option schema is also checked against it: the keys it reads
 (``NETWORK_LABELS``, ``TOP_KEYS``, ``TRAIN_KEYS``, ``VAL_KEYS``, ``PATH_KEYS`` on a model; ``OPTION_KEYS`` on a
-dataset) and the integers it needs (``TRAIN_INTS`` / ``INT_OPTIONS``: key -> minimum). The classes are the
+dataset), the integers it needs (``TRAIN_INTS`` / ``INT_OPTIONS``: key -> minimum) and a dataset's options with
+a fixed set of values (``CHOICE_OPTIONS``: key -> allowed values). The classes are the
 one home of their schema; here only basicsr's own keys are listed. An unknown key is a UserError suggesting
 the closest known one (a typo such as ``netwrok_g`` or ``trian`` would otherwise be silently ignored by
 basicsr). Options of other model types and of upstream datasets are left to basicsr.
@@ -156,6 +157,9 @@ def _check_datasets(opt, source):
         for key, minimum in dataset.INT_OPTIONS.items():
             if dopt.get(key) is not None:
                 check_int(dopt[key], f'datasets.{phase}.{key}', minimum, source)
+        for key, choices in getattr(dataset, 'CHOICE_OPTIONS', {}).items():
+            if dopt.get(key) is not None and dopt[key] not in choices:
+                raise UserError(f'{source}: datasets.{phase}.{key}: {dopt[key]!r} is not one of {", ".join(choices)}')
 
 
 def _check_prior_shapes(opt, source):

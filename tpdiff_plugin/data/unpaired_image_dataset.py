@@ -14,6 +14,18 @@ Options (basicsr style):
     phase (str): ``train`` crops and augments and draws the sharp image at random. Any other phase
         returns whole images, no augmentation, and sharp image ``index % len(sharp)``.
     mean, std (list, optional): normalisation, as basicsr's datasets.
+    sharp_sampling (str): how the train phase draws each item's sharp image (the paper's robustness study of
+        the TPE's memory to sharp sampling). ``random`` (default): uniformly from all sharp images.
+        ``clustered``: every item of a batch draws from one cluster of similar sharp images, the scene: an LMDB
+        key's part before its first ``-`` (``make-lmdb`` keys are ``<scene>-<frame>``, the demo's
+        ``<photo>-y..x..``), for a folder the first sub-folder under ``dataroot_sharp`` (or the file name's
+        part before ``-``). The batch's cluster is the cluster of one sharp image drawn uniformly, so each
+        item's sharp image is still uniform over the set; only the batch loses its variety. A batch is what
+        the DataLoader fetches together (``__getitems__``); an item fetched alone is a batch of one.
+        ``single``: always the image ``sharp_image``.
+    sharp_image (str, optional): the sharp image of ``sharp_sampling: single``: its LMDB key, or for a folder
+        its path relative to ``dataroot_sharp`` (with or without extension). Default: the first in sorted order.
+        Crops, flips and rotations still vary.
 
 Item: ``{'lq': 3xPxP float32 RGB in [0, 1], 'ref': 3xPxP, 'lq_path': key or path, 'ref_path': ...}``;
 ``len`` is the number of blurry images. Randomness comes from Python's ``random``: the main process's
@@ -74,6 +86,71 @@ class _Source:
                             f'{more}; remove such images from {self.root} or lower {option}')
 
 
+SHARP_SAMPLING = ('random', 'clustered', 'single')
+
+
+def _cluster_of(name, source, backend):
+    """The cluster (scene) of a sharp image: see ``sharp_sampling`` in the module docstring."""
+    if backend != 'lmdb':
+        rel = os.path.relpath(name, source.root).replace(os.sep, '/')
+        if '/' in rel:
+            return rel.split('/', 1)[0]
+        name = os.path.splitext(rel)[0]
+    return name.split('-', 1)[0]
+
+
+class _SharpChoice:
+    """The train phase's draw of a sharp image index (``sharp_sampling``); every draw goes through ``random``."""
+
+    def __init__(self, mode, image, source, backend):
+        if mode not in SHARP_SAMPLING:
+            raise UserError(f'sharp_sampling: {mode!r} is not one of {", ".join(SHARP_SAMPLING)}')
+        if image is not None and mode != 'single':
+            raise UserError(f'sharp_image: only read with sharp_sampling: single (here {mode}); remove it')
+        self.mode, self.n = mode, len(source.names)
+        if mode == 'single':
+            self.index = self._single_index(image, source, backend)
+        elif mode == 'clustered':
+            members = {}
+            for i, name in enumerate(source.names):
+                members.setdefault(_cluster_of(name, source, backend), []).append(i)
+            where = f"in {source.root} (the key part before '-', or the first sub-folder)"
+            if len(members) < 2:
+                raise UserError(f'sharp_sampling: clustered found 1 cluster {where}; it needs at least 2, else it '
+                                'is random')
+            if max(map(len, members.values())) < 2:
+                raise UserError(f'sharp_sampling: clustered found no two images in one cluster {where}; name them '
+                                '<scene>-<frame>, as make-lmdb does, or use single')
+            self.cluster = [None] * self.n  # index -> the list of indices of its cluster
+            for indices in members.values():
+                for i in indices:
+                    self.cluster[i] = indices
+            self.n_clusters = len(members)
+
+    @staticmethod
+    def _single_index(image, source, backend):
+        if image is None:
+            return min(range(len(source.names)), key=lambda i: source.names[i])
+        if not isinstance(image, str):
+            raise UserError(f'sharp_image: must be a key or a path (text), got {image!r}')
+        for i, name in enumerate(source.names):
+            rel = name if backend == 'lmdb' else os.path.relpath(name, source.root).replace(os.sep, '/')
+            if image.replace(os.sep, '/') in (rel, os.path.splitext(rel)[0]):
+                return i
+        raise UserError(f'sharp_image: {image!r} is not an image of dataroot_sharp ({source.root}); give an LMDB key '
+                        'or a path relative to it')
+
+    def draw(self, batch):
+        """A sharp index; ``batch`` is the one-item list that holds the batch's cluster (clustered mode)."""
+        if self.mode == 'random':
+            return random.randrange(self.n)
+        if self.mode == 'single':
+            return self.index
+        if batch[0] is None:
+            batch[0] = self.cluster[random.randrange(self.n)]  # a cluster with probability its share of images
+        return batch[0][random.randrange(len(batch[0]))]
+
+
 @DATASET_REGISTRY.register()
 class UnpairedImageDataset(data.Dataset):
     """Random blurry patch + independently drawn sharp patch (see module docstring for options)."""
@@ -82,9 +159,11 @@ class UnpairedImageDataset(data.Dataset):
     OPTION_KEYS = frozenset({'name', 'type', 'phase', 'dataroot_blur', 'dataroot_sharp', 'io_backend', 'gt_size',
                              'patch_size', 'use_hflip', 'use_rot', 'mean', 'std', 'num_worker_per_gpu',
                              'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode', 'pin_memory',
-                             'persistent_workers', 'use_shuffle', 'num_prefetch_queue', 'scale'})
+                             'persistent_workers', 'use_shuffle', 'num_prefetch_queue', 'scale', 'sharp_sampling',
+                             'sharp_image'})
     INT_OPTIONS = {'gt_size': 1, 'patch_size': 1, 'batch_size_per_gpu': 1, 'num_worker_per_gpu': 0,
                    'dataset_enlarge_ratio': 1}  # key -> minimum
+    CHOICE_OPTIONS = {'sharp_sampling': SHARP_SAMPLING}  # key -> allowed values
     SAMPLE_SEEDS = True  # __getitem__ also takes (index, seed) keys (utils/resume.py)
 
     def __init__(self, opt):
@@ -123,6 +202,9 @@ class UnpairedImageDataset(data.Dataset):
             self.blur.check_min_size(self.patch_size, size_key)
             self.sharp.check_min_size(self.patch_size, size_key)
 
+        self.sharp_sampling = opt.get('sharp_sampling', 'random')
+        self._sharp_choice = _SharpChoice(self.sharp_sampling, opt.get('sharp_image'), self.sharp, backend)
+
         if backend == 'lmdb':
             io_opt['db_paths'] = [blur_root, sharp_root]
             io_opt['client_keys'] = ['blur', 'sharp']
@@ -153,18 +235,26 @@ class UnpairedImageDataset(data.Dataset):
         return augment(patch, self.use_hflip, self.use_rot)
 
     def __getitem__(self, index):
+        return self._keyed_item(index, [None])
+
+    def __getitems__(self, keys):
+        """A batch, as the DataLoader fetches it: its items share one cluster with ``sharp_sampling: clustered``."""
+        batch = [None]  # the batch's cluster, drawn by its first item
+        return [self._keyed_item(key, batch) for key in keys]
+
+    def _keyed_item(self, index, batch):
         if isinstance(index, tuple):  # (index, seed): this item's random draws come from its own seed
             index, seed = index
             with python_random_seeded(seed):
-                return self._item(index)
-        return self._item(index)
+                return self._item(index, batch)
+        return self._item(index, batch)
 
-    def _item(self, index):
+    def _item(self, index, batch):
         if self.file_client is None:
             opt = dict(self.io_backend_opt)
             self.file_client = FileClient(opt.pop('type'), **opt)
         if self.phase == 'train':
-            sharp_index = random.randrange(len(self.sharp.names))  # independent of `index`: unpaired
+            sharp_index = self._sharp_choice.draw(batch)  # independent of `index`: unpaired
         else:
             sharp_index = index % len(self.sharp.names)
         img_blur, blur_name = self._read(self.blur, index, 'blur')
