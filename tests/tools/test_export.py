@@ -11,7 +11,7 @@ from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.archs.arch_util import pad_to_multiple
 from tpdiff_plugin.cli import tpdiff_main
 from tpdiff_plugin.inference import Deblurrer
-from tpdiff_plugin.tools.export import ExportableTPDiff
+from tpdiff_plugin.tools.export import ExportableTPDiff, check_export, export_onnx
 from tpdiff_plugin.utils.checkpoint import save_networks
 
 # traced at 32x40 (--size); checked at a multiple of 8 and at a size that is not one (padded inside the graph)
@@ -128,3 +128,12 @@ def test_a_checkpoint_of_another_network_is_refused(tmp_path, capsys):
     assert tpdiff_main(['export', '--weights', str(path), '-o', str(tmp_path / 'x.onnx')]) == 2
     assert 'error:' in capsys.readouterr().err
     assert np.all([not p.name.startswith('x.') for p in tmp_path.iterdir()])
+
+
+@pytest.mark.parametrize('filter_type', ['predicted', 'feature_deform', 'separable', 'none'])
+def test_every_fm_msa_filter_exports(tmp_path, filter_type):
+    """The paper's filter comparison (issue 13) exports too; 'predicted' needs its kernel's shape to be a constant."""
+    model = ExportableTPDiff(tiny_net(seed=1, filter_type=filter_type).eval())
+    export_onnx(model, str(tmp_path / 'f.onnx'), size=(32, 40))
+    diffs = check_export(model, str(tmp_path / 'f.onnx'), 'onnx', SIZES)
+    assert max(diffs.values()) <= 1e-4

@@ -199,11 +199,12 @@ class PredictedFilter(DeformFilterBase):
         with torch.no_grad():  # each group's kernel starts at its centre tap: F̃ ≈ F
             self.prior_convs[-1].bias[2 * taps * offset_groups + taps // 2::taps] = 1.0
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.dim = dim  # a constant channel count, so an exported graph sees the kernel's shape (tpdiff export)
 
     def forward(self, x, z):
         offset, weights = self._split(self.prior_convs(z))
         k = self.kernel_size
-        ones = x.new_ones(x.shape[1], 1, k, k)  # depthwise identity: the per-pixel weights do all the weighting
+        ones = x.new_ones(self.dim, 1, k, k)  # depthwise identity: the per-pixel weights do all the weighting
         return deform_filter(x, offset, weights, ones, self.bias, impl=self.deform_impl)
 
 
