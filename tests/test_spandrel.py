@@ -100,7 +100,7 @@ def test_found_before_the_extra_architectures(tmp_path):
 def test_a_state_dict_it_cannot_place_is_refused_with_the_keys():
     state = _random_net(tiny_net_opts()).state_dict()
     odd = dict(state, **{'encoder_level2.blocks.0.attn.filter.lut': torch.zeros(3)})  # a part no option builds
-    with pytest.raises(spandrel.UnsupportedModelError, match=r'unexpected: encoder_level2\.blocks\.0\.attn\.filter\.lut'):
+    with pytest.raises(spandrel.UnsupportedModelError, match=r'unexpected: encoder_level2\..*\.filter\.lut'):
         spandrel.MAIN_REGISTRY.load(odd)
     bent = dict(state, **{'latent.blocks.0.ffn.dwconv.weight': torch.zeros(5, 1, 3, 3)})
     with pytest.raises(spandrel.UnsupportedModelError, match=r'mis-shaped: latent\.blocks\.0\.ffn\.dwconv\.weight'):
