@@ -266,6 +266,15 @@ def test_sharp_sampling_files_differ_from_the_paper_files_only_in_the_sampling(s
     assert diff == expected
 
 
+@pytest.mark.parametrize('steps', [2, 4, 16])
+def test_diffusion_step_files_differ_from_stage2_only_in_t(steps):
+    base = flatten(load(OPTIONS / 'tpdiff_stage2.yml'))
+    variant = flatten(load(OPTIONS / 'analysis' / f'tpdiff_stage2_T{steps}.yml'))
+    assert variant.keys() == base.keys()
+    assert {k: variant[k] for k in base if variant[k] != base[k]} == {
+        'name': f'TPDiff_Stage2_GoPro_T{steps}', 'network_g.dm_timesteps': steps}
+
+
 def test_paper_schedule():
     for stage in (1, 2):
         opt = load(OPTIONS / f'tpdiff_stage{stage}.yml')
