@@ -90,7 +90,7 @@ def test_no_macs_option_and_defaults(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('opt,args,message', [
-    (None, [], 'cannot read (No such file'),
+    (None, [], 'no such options file'),
     ({'name': 'x', 'model_type': 'y'}, [], 'no network_'),
     ({'name': 'x', 'network_g': {'type': 'NoSuchNet'}}, [], 'network_g.type'),
     ({'name': 'x', 'network_g': {'dim': 4}}, [], '"network_g" must be a mapping with a "type"'),
