@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tpdiff_plugin.archs.arch_util import pad_to_multiple
-from tpdiff_plugin.archs.tpe_arch import TexturePriorEncoder
+from tpdiff_plugin.archs.tpe_arch import TexturePriorEncoder, nearest_entries  # noqa: F401  (re-exported)
 from tpdiff_plugin.inference import axis_windows, check_tiling, image_to_tensor, tile_starts
 from tpdiff_plugin.utils.checkpoint import load_network_file, network_options, read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
@@ -96,16 +96,6 @@ def default_memory(tpe):
     if n > 0:
         return tpe.memory_ema, f'memory EMA of {n} training writes'
     return tpe.memory, 'learned memory'
-
-
-def nearest_entries(z, memory, chunk=65536):
-    """The memory entry nearest (L2) to each prior vector: ``z [B, C, h, w]``, ``memory [N, C]`` -> ``[B, h, w]``
-    long, ``chunk`` vectors at a time (the distance matrix of a large image would not fit)."""
-    b, c, h, w = z.shape
-    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, c).float()
-    mem = memory.detach().float().to(flat.device)
-    index = torch.cat([torch.cdist(part, mem).argmin(1) for part in flat.split(chunk)])
-    return index.view(b, h, w)
 
 
 # ---------------------------------------------------------------------------------------------- offsets

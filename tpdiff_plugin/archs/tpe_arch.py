@@ -165,3 +165,13 @@ class TexturePriorEncoder(nn.Module):
                 for chunk, s in zip(blur.chunk(len(sharp)), sharp)]
         z = torch.cat([o[0] for o in outs])
         return (z, torch.cat([o[1] for o in outs])) if return_index else z
+
+
+def nearest_entries(z, memory, chunk=65536):
+    """The memory entry nearest (L2) to each prior vector: ``z [B, C, h, w]``, ``memory [N, C]`` -> ``[B, h, w]``
+    long, ``chunk`` vectors at a time (the distance matrix of a large image would not fit)."""
+    b, c, h, w = z.shape
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, c).float()
+    mem = memory.detach().float().to(flat.device)
+    index = torch.cat([torch.cdist(part, mem).argmin(1) for part in flat.split(chunk)])
+    return index.view(b, h, w)

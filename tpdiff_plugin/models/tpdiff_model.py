@@ -56,7 +56,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from tpdiff_plugin.explain import explain_figure, explain_image, nearest_entries
+from tpdiff_plugin.archs.tpe_arch import nearest_entries
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.checkpoint import read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
@@ -294,6 +294,9 @@ class TPDiffModel(UnpairedCycleModel):
     def log_explain_figures(self, dataloader, name, current_iter, tb_logger):
         """The ``tpdiff explain`` figure of the first ``TB_FIGURES`` validation images, to tensorboard: the
         networks, prior and seed of this validation."""
+        # imported here: only runs with a tensorboard logger, and keeps `import tpdiff_plugin` from loading the
+        # inference layer (tests/test_inference.py::test_deblurrer_is_exported_lazily)
+        from tpdiff_plugin.explain import explain_figure, explain_image
         tpe = self.bare('tpe') if 'tpe' in self.net_labels else None
         memory = self._val_memory() if tpe is not None else None
         ema = getattr(self, 'net_g_ema', None)
