@@ -126,14 +126,14 @@ def test_basicsr_train_stops_with_exit_2_and_keeps_the_last_checkpoint(tmp_path,
         import sys, torch
         import tpdiff_plugin
         from tpdiff_plugin.data.unpaired_image_dataset import UnpairedImageDataset
-        get, calls = UnpairedImageDataset.__getitem__, [0]
-        def poisoned(self, index):
-            item = get(self, index)
+        get, calls = UnpairedImageDataset._item, [0]  # every item, fetched one by one or as a batch
+        def poisoned(self, index, batch):
+            item = get(self, index, batch)
             calls[0] += 1
             if calls[0] > 24:
                 item['lq'] = item['lq'] * float('nan')
             return item
-        UnpairedImageDataset.__getitem__ = poisoned
+        UnpairedImageDataset._item = poisoned
         from tpdiff_plugin.cli import basicsr_main
         sys.exit(basicsr_main(['train', '-opt', {str(opt_path)!r}]))
     """)
