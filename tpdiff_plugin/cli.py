@@ -17,6 +17,7 @@ import os
 import sys
 
 from tpdiff_plugin.option_check import validate_options
+from tpdiff_plugin.utils.allocator import tune_malloc
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.option_files import apply_force_yml, find_options_file, load_options_file
 from tpdiff_plugin.version import __version__
@@ -35,9 +36,12 @@ def prepare_cpu():
 
     Near-identity residual nets produce denormal floats, which take x86's slow path (about 20x
     slower measured on our machines); flushing them to zero costs nothing in accuracy that matters.
+    glibc's malloc keeps freed memory instead of page-faulting large activations in again on every layer
+    (``utils/allocator.py``; ``TPDIFF_NO_MALLOPT=1`` or the user's own ``MALLOC_*_`` settings leave it as is).
     """
     import torch
     torch.set_flush_denormal(True)
+    tune_malloc()
 
 
 def _force_yml_entries(argv):

@@ -37,6 +37,7 @@ from torch import nn
 from tpdiff_plugin.archs.arch_util import pad_to_multiple
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 from tpdiff_plugin.data.image_checks import PIXEL_PEAKS
+from tpdiff_plugin.utils.allocator import tune_malloc
 from tpdiff_plugin.utils.checkpoint import NETWORK_OPT_KEY, load_network_file, network_options, read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
@@ -286,7 +287,8 @@ class Deblurrer(nn.Module):
             depend on call order.
 
     On CPU it calls ``torch.set_flush_denormal(True)`` for the process, as every CPU entry point of the
-    plugin does: near-identity residual networks produce denormal floats, which x86 handles ~20x slower.
+    plugin does: near-identity residual networks produce denormal floats, which x86 handles ~20x slower; and
+    it tunes glibc's malloc to keep freed memory (``utils/allocator.py``, opt out with ``TPDIFF_NO_MALLOPT=1``).
     """
 
     def __init__(self, net, device='cpu', tile=None, tile_overlap=32, half=False, seed=0):
@@ -294,6 +296,7 @@ class Deblurrer(nn.Module):
         self.device = _resolve_device(device)
         if self.device.type == 'cpu':
             torch.set_flush_denormal(True)
+            tune_malloc()
         self.net = net.eval().to(self.device)
         self.prior_scale = int(getattr(net, 'prior_scale', 1)) if getattr(net, 'dm', None) is not None else 1
         self.align = int(getattr(net, 'pad_multiple', 1))
