@@ -57,9 +57,13 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=None, help='interleaved repeats (default 3; 1 with --quick)')
     p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
     p.add_argument('--compile', action='store_true', help='CUDA: torch.compile the networks (guarded)')
+    p.add_argument('--channels-last', action='store_true',
+                   help='CPU: every network and input in channels_last (as Deblurrer runs TP-Diff on CPU; always on CUDA)')
     p.add_argument('--no-memory', action='store_true', help='skip the 512x512 tile memory probe')
     p.add_argument('--no-train', action='store_true', help='skip the stage-2 training iteration')
     p.add_argument('--deblur-4k', action='store_true', help='also deblur a 3840x2160 image, tiled (slow on CPU)')
+    p.add_argument('--profile', action='store_true',
+                   help='add rows: each component\'s and U-Net level\'s share of TP-Diff\'s forward (bench/components.py)')
     p.add_argument('--json', default=None, metavar='OUT', help='also write the rows as JSON')
     return p.parse_args(argv)
 
@@ -109,6 +113,8 @@ def main(argv=None):
     from benchlib import interleaved, median
 
     import tpdiff_plugin  # noqa: F401  (registers everything)
+    from tpdiff_plugin.utils.allocator import tune_malloc
+    malloc_note = tune_malloc()  # as our entry points do; one process, so every network below runs under it
     from basicsr.archs import build_network
     from tpdiff_plugin.archs.adaptive_filter import deform_filter
     from tpdiff_plugin.archs.peers_arch import PUBLISHED_CONFIGS
@@ -127,6 +133,8 @@ def main(argv=None):
     where = torch.cuda.get_device_name(device) if cuda else f'{cpu_name}, {torch.get_num_threads()} threads'
     print(f'bench: device {args.device} ({where}), torch {torch.__version__}, inference at {size[0]}x{size[1]} (HxW)'
           f'{" [--quick]" if args.quick else ""}, {repeats} interleaved repeat(s), medians; random weights')
+    print(f'allocator: {malloc_note} (set once for this process: every network is measured under it; '
+          f'TPDIFF_NO_MALLOPT=1 to measure glibc\'s defaults)')
     table = Table()
     amp = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else None
     from contextlib import nullcontext
@@ -145,11 +153,11 @@ def main(argv=None):
     compiled_note = {}
     for name, net in nets.items():
         net.eval().to(device)
-        if cuda:
+        if cuda or args.channels_last:
             net.to(memory_format=torch.channels_last)
     h, w = size
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1)).to(device)
-    if cuda:
+    if cuda or args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     tp = nets['TP-Diff']
     noise = torch.randn(tp.prior_shape(x), generator=torch.Generator().manual_seed(2)).to(device)
@@ -213,7 +221,7 @@ def main(argv=None):
 
     note_size = f'{h}x{w} (HxW), median of {repeats}' + ('' if (h, w) == (720, 1280) else
                                                     ' (not a 1280x720 frame: CPU budget; --size 720x1280 on GPU)')
-    precision = 'bf16 autocast, channels_last' if cuda else 'fp32'
+    precision = 'bf16 autocast, channels_last' if cuda else 'fp32' + (', channels_last' if args.channels_last else '')
     table.add('TP-Diff inference', t['TP-Diff'], 's',
               f'{params["TP-Diff"] / 1e6:.2f}M params, {note_size}, {precision}'
               + (f', {compiled_note["TP-Diff"]}' if 'TP-Diff' in compiled_note else ''))
@@ -325,6 +333,12 @@ def main(argv=None):
         for n, key in zip(names, ('data', 'G', 'D')):
             table.add(n, 1e3 * median(rows[key][1:]), 'ms',
                       f'demo/stage2.yml, batch {batch} x {patch}px, synthetic folder data, median of {iters - 1}')
+
+    # ------------------------------------------------------------------ optional: per-component profile
+    if args.profile:
+        import components
+        log(f'profile: TP-Diff at {h}x{w} under forward hooks, {repeats} forward(s)')
+        components.add_rows(table, tp, lambda: call('TP-Diff'), device, repeats, size)
 
     # ------------------------------------------------------------------ optional: a real 4K deblur
     if args.deblur_4k:

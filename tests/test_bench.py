@@ -10,10 +10,11 @@ from conftest import REPO, bench_module, run_cmd
 
 
 def test_bench_quick_prints_every_row(tmp_path):
-    ROW_NAMES = bench_module('run').ROW_NAMES
+    PROFILE_ROWS = bench_module('components').ROW_NAMES
+    ROW_NAMES = bench_module('run').ROW_NAMES + PROFILE_ROWS
     out = tmp_path / 'bench.json'
-    res = run_cmd([sys.executable, str(REPO / 'bench' / 'run.py'), '--quick', '--json', str(out)], cwd=tmp_path,
-                  timeout=300)
+    res = run_cmd([sys.executable, str(REPO / 'bench' / 'run.py'), '--quick', '--profile', '--json', str(out)],
+                  cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     printed = {line.split('|')[0].strip(): line.split('|')[1].strip() for line in res.stdout.splitlines()
                if line.count('|') >= 3}
@@ -28,6 +29,9 @@ def test_bench_quick_prints_every_row(tmp_path):
         if name in skipped_in_quick or (name.startswith('stage-2') and not has_model):
             assert value is None and printed[name] == 'skipped'
             continue
+        if name == 'profile: other':  # the forward's time outside the hooked modules: may round to ~0
+            assert value is not None and math.isfinite(value), value
+            continue
         assert value is not None and math.isfinite(value) and value > 0, (name, value)
         assert math.isclose(float(printed[name]), value, rel_tol=1e-2, abs_tol=1e-3), name
     # the parameter ratio is the two networks' own counts
@@ -37,6 +41,11 @@ def test_bench_quick_prints_every_row(tmp_path):
     expected = count(TPDiffNet()) / count(build_network({'type': 'PeerRestormer'}))
     assert math.isclose(rows['TP-Diff / Restormer params']['value'], expected, rel_tol=1e-9)
     assert 'T=8 steps' in rows['DM sampling share of TP-Diff']['note']
+    # the component shares are exclusive and cover the hooked forward; the levels are parts of it
+    components = [rows[n]['value'] for n in PROFILE_ROWS if not n.startswith('profile: level')]
+    assert math.isclose(sum(components), 100, abs_tol=1e-6)
+    assert sum(rows[n]['value'] for n in PROFILE_ROWS if n.startswith('profile: level')) < 100
+    assert 'allocator: ' in res.stdout
     assert os.path.isfile(out)
 
 
