@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from conftest import tiny_net, tiny_net_opts
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
@@ -111,16 +112,42 @@ def test_untiled_deblurrer_is_the_seeded_inference_path_of_the_network():
     """Whole image, any size: exactly ``net(lq, generator=Generator().manual_seed(seed))``, as basicsr test runs it."""
     net = _tiny()
     x = torch.rand(2, 3, 37, 53)
-    d = Deblurrer(net, seed=3)
+    d = Deblurrer(net, seed=3, channels_last=False)  # the default on CPU differs by float rounding: next test
     out = d(x)
     with torch.no_grad():
         ref = net(x, generator=torch.Generator().manual_seed(3)).clamp(0, 1)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(d(x), out, rtol=0, atol=0)  # every call re-draws from the seed
-    assert not torch.allclose(Deblurrer(net, seed=4)(x), out)
+    assert not torch.allclose(Deblurrer(net, seed=4, channels_last=False)(x), out)
     # one tile covering the image: the same result, bit for bit
-    torch.testing.assert_close(Deblurrer(net, seed=3, tile=64, tile_overlap=8)(x), out, rtol=0, atol=0)
+    torch.testing.assert_close(Deblurrer(net, seed=3, tile=64, tile_overlap=8, channels_last=False)(x), out, rtol=0,
+                               atol=0)
     assert out.requires_grad is False and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(filter_type='predicted'),
+                                dict(dim=30, num_blocks=[1, 1, 1, 1], heads=[1, 2, 4, 8], prior_ch=64,
+                                     prior_hidden=16, ffn_expansion_factor=2.66, dm_feats=64)])
+def test_cpu_deblurrer_runs_tpdiff_channels_last_within_1e_5_of_nchw(kw):
+    """Issue 10: on CPU a TPDiffNet runs in channels_last (weights and inputs; measured faster), outputs within
+    1e-5 of the NCHW forward, tiled and whole, returned contiguous."""
+    net = _tiny(**kw)
+    x = torch.rand(1, 3, 40, 56)
+    with torch.no_grad():
+        ref = net(x, generator=torch.Generator().manual_seed(0)).clamp(0, 1)
+    seen = []
+    net.encoder_level1.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    d = Deblurrer(net, seed=0)
+    assert d.channels_last and net.patch_embed.weight.is_contiguous(memory_format=torch.channels_last)
+    out = d(x)
+    assert seen == [True] and out.is_contiguous()
+    assert float((ref - x).abs().max()) > 1e-2  # the network does change the image
+    assert float((out - ref).abs().max()) <= 1e-5
+    tiled = Deblurrer(net, seed=0, tile=32, tile_overlap=8)(x)
+    tiled_nchw = Deblurrer(_tiny(**kw), seed=0, tile=32, tile_overlap=8, channels_last=False)(x)
+    assert float((tiled - tiled_nchw).abs().max()) <= 1e-5
+    assert not Deblurrer(nn.Conv2d(3, 3, 1)).channels_last  # other restorers: as given
 
 
 def test_tiled_deblur_of_512_image_is_within_0_05_db_of_untiled():
