@@ -435,8 +435,8 @@ def test_sharp_cycle_noise_ramp_grows_the_sigma_from_zero():
 
 
 def test_sharp_cycle_noise_start_switches_the_noise_on_later():
-    """With sharp_cycle_noise_start S (and ramp N), DN's sharp-cycle input carries only the 8-bit rounding up to
-    iteration S, then noise whose sigma grows over the next N iterations."""
+    """With sharp_cycle_noise_start S (and ramp N), DN's sharp-cycle input is RN(s) itself up to iteration S (not
+    even rounded), then rounded and noisy, the noise's sigma growing over the next N iterations."""
     data = batch(15, n=4, size=32)
     model = build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_start=200, sharp_cycle_noise_ramp=100), seed=1)
     model.feed_data(data)
@@ -453,7 +453,14 @@ def test_sharp_cycle_noise_start_switches_the_noise_on_later():
             model.generator_losses()
         stds[it] = (seen[0][4:] - clean)[inside].std().item() * 255
     rounding = math.sqrt(1 / 12)
-    assert stds[1] == pytest.approx(rounding, rel=0.15) and stds[200] == pytest.approx(rounding, rel=0.15)
+    assert stds[1] == 0 and stds[200] == 0  # RN(s) exactly
+    assert stds[250] > 1  # then noise (the rounding alone would be 0.29)
+    model.current_iter = 201
+    seen.clear()
+    with torch.no_grad():
+        model.generator_losses()
+    assert (seen[0][4:] * 255 - (seen[0][4:] * 255).round()).abs().max() < 1e-3  # on the 8-bit grid from S + 1 on
+    assert ((seen[0][4:] - clean)[inside].std().item() * 255) == pytest.approx(math.sqrt(0.04 ** 2 + 1 / 12), rel=0.15)
     assert stds[250] == pytest.approx(math.sqrt(2 ** 2 + 1 / 12), rel=0.1)
     assert stds[300] == pytest.approx(math.sqrt(4 ** 2 + 1 / 12), rel=0.1)
     assert stds[900] == pytest.approx(stds[300], rel=0.1)

@@ -240,12 +240,11 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         n = b.shape[0]
         fake_b = self.net_rb(s)
         fake_b_in = fake_b if self.sharp_cycle_trains_rb else fake_b.detach()
-        if self.sharp_cycle_noise is not None:
-            since = self.current_iter - self.sharp_cycle_noise_start  # iterations since the noise was switched on
-            if self.sharp_cycle_noise_start and since <= 0:
-                ramp = 0.0  # not yet: the 8-bit rounding only
-            else:
-                ramp = min(1.0, since / self.sharp_cycle_noise_ramp) if self.sharp_cycle_noise_ramp else 1.0
+        since = self.current_iter - self.sharp_cycle_noise_start  # iterations since the noise was switched on
+        if self.sharp_cycle_noise is not None and (since > 0 or not self.sharp_cycle_noise_start):
+            # before sharp_cycle_noise_start, RN(s) goes in as it is: even the 8-bit rounding alone kept DN at the
+            # identity while RN's blur was under a grey level (bench/README.md, round 4)
+            ramp = min(1.0, since / self.sharp_cycle_noise_ramp) if self.sharp_cycle_noise_ramp else 1.0
             fake_b_in = noisy_8bit(fake_b_in, *(ramp * sigma for sigma in self.sharp_cycle_noise))
         chunks = [b, fake_b_in]
         if self.cri_identity is not None:
