@@ -59,11 +59,12 @@ def deform_inputs(channels, h, w, device, seed=0):
     return [t.to(device) for t in (x, offset, mask, weight)]
 
 
-def tile_memory_subprocess(tile, timeout=900):
+def tile_memory_subprocess(tile, timeout=900, channels_last=False):
     """Peak RSS of one ``tile x tile`` forward of the paper-size TPDiffNet, in a fresh process (CPU).
 
     Returns ``{'base_mib', 'peak_mib', 'seconds'}``: RSS with torch imported and the network built, and the
-    high-water mark during one forward (inference mode, flush-denormal on).
+    high-water mark during one forward (inference mode, flush-denormal on, the allocator settings of
+    ``tune_malloc`` as in the parent unless ``TPDIFF_NO_MALLOPT`` is set; ``channels_last`` as Deblurrer on CPU).
     """
     code = f'''
 import json, os, time
@@ -72,12 +73,17 @@ import torch
 torch.set_flush_denormal(True)
 import tpdiff_plugin
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+from tpdiff_plugin.utils.allocator import tune_malloc
+tune_malloc()
 def kib(field):
     for line in open('/proc/self/status'):
         if line.startswith(field + ':'):
             return int(line.split()[1])
 net = TPDiffNet().eval()
 x = torch.rand(1, 3, {tile}, {tile})
+if {bool(channels_last)}:
+    net.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
 noise = torch.randn(net.prior_shape(x))
 base = kib('VmRSS')
 open('/proc/self/clear_refs', 'w').write('5')

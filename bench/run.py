@@ -306,7 +306,7 @@ def main(argv=None):
             table.add('est. peak memory, 3840x2160 tiled', peak + buffers_mib, 'MiB',
                       f'tile peak + {buffers_mib:.0f} MiB of image-sized buffers (host and device)')
         else:
-            probe_res = benchlib.tile_memory_subprocess(tile)
+            probe_res = benchlib.tile_memory_subprocess(tile, channels_last=args.channels_last)
             table.add(f'peak memory, one {tile}x{tile} tile', probe_res['peak_mib'], 'MiB',
                       f'RSS high-water mark of a fresh process, fp32; {probe_res["base_mib"]:.0f} MiB before the '
                       f'forward (torch + network); forward took {probe_res["seconds"]:.1f} s')
