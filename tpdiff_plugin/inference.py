@@ -286,7 +286,8 @@ class Deblurrer(nn.Module):
         half: fp16 autocast on CUDA, bf16 autocast on CPU (weights stay fp32).
         seed: seed of the DM's initial noise; every call draws it afresh from this seed, so results do not
             depend on call order.
-        channels_last: run the network and its inputs in ``torch.channels_last`` (None: for a ``TPDiffNet`` on
+        channels_last: run the network (converted in place, as ``.to(device)`` moves it) and its inputs in
+            ``torch.channels_last`` (None: for a ``TPDiffNet`` on
             CPU, where it is faster and LayerNorm2d's permutes copy nothing; the outputs differ from NCHW by
             float rounding, < 1e-5; ``False`` gives bit for bit the NCHW forward that ``basicsr test`` runs).
 
