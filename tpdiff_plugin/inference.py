@@ -287,9 +287,9 @@ class Deblurrer(nn.Module):
         seed: seed of the DM's initial noise; every call draws it afresh from this seed, so results do not
             depend on call order.
         channels_last: run the network (converted in place, as ``.to(device)`` moves it) and its inputs in
-            ``torch.channels_last`` (None: for a ``TPDiffNet`` on
-            CPU, where it is faster and LayerNorm2d's permutes copy nothing; the outputs differ from NCHW by
-            float rounding, < 1e-5; ``False`` gives bit for bit the NCHW forward that ``basicsr test`` runs).
+            ``torch.channels_last``. None: for a ``TPDiffNet`` on CPU, where it is faster and LayerNorm2d's
+            permutes copy nothing; the outputs differ from NCHW by float rounding (< 1e-5). ``False`` gives bit
+            for bit the NCHW forward that ``basicsr test`` runs.
 
     On CPU it calls ``torch.set_flush_denormal(True)`` for the process, as every CPU entry point of the
     plugin does: near-identity residual networks produce denormal floats, which x86 handles ~20x slower; and
