@@ -45,7 +45,8 @@ OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train
         'wavelet', 'mode', 'optim_d', 'ema_decay', 'identity_init', 'icnr_init', 'mem_ema_decay',
         'train.sharp_cycle_prior', 'train.dm_target', 'resume_optim_d', 'train.cycle_sharp_opt',
         'train.gan_sharp_opt', 'train.identity_opt', 'train.sharp_cycle_trains_rb', 'train.r1_weight',
-        'train.d_update_every', 'filter_type', 'tm_ffn_modulation', 'sharp_sampling', 'sharp_image')
+        'train.d_update_every', 'filter_type', 'tm_ffn_modulation', 'sharp_sampling', 'sharp_image',
+        'prior_generator')
 
 
 def load(path):
@@ -273,6 +274,16 @@ def test_diffusion_step_files_differ_from_stage2_only_in_t(steps):
     assert variant.keys() == base.keys()
     assert {k: variant[k] for k in base if variant[k] != base[k]} == {
         'name': f'TPDiff_Stage2_GoPro_T{steps}', 'network_g.dm_timesteps': steps}
+
+
+@pytest.mark.parametrize('generator', ['memory_bank', 'sparse_coding', 'vq'])
+def test_prior_generator_files_differ_from_stage2_only_in_the_generator(generator):
+    base = flatten(load(OPTIONS / 'tpdiff_stage2.yml'))
+    variant = flatten(load(OPTIONS / 'analysis' / f'tpdiff_stage2_prior_{generator}.yml'))
+    assert variant.keys() == base.keys()
+    assert {k: variant[k] for k in base if variant[k] != base[k]} == {
+        'name': f'TPDiff_Stage2_GoPro_prior_{generator}', 'network_g.prior_generator': generator,
+        'path.strict_load_g': False}
 
 
 def test_paper_schedule():

@@ -77,7 +77,7 @@ def tiny(opt, data):
     opt['num_gpu'] = 0
     opt['network_g'].update(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
                             ffn_expansion_factor=2.0, prior_ch=8, prior_hidden=4, dm_feats=8, dm_blocks=1,
-                            dm_cond_blocks=1, grad_checkpoint=False)
+                            dm_cond_blocks=1, mem_slots=8, grad_checkpoint=False)
     if 'network_tpe' in opt:
         opt['network_tpe'].update(prior_ch=8, mem_slots=8, enc_ch=4)
     for label in ('d_sharp', 'd_blur', 'd_wave'):

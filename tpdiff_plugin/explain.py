@@ -189,7 +189,8 @@ def explain_image(net, image, tpe=None, stage=2, memory=None, colours=None, tile
     searched (default :func:`default_memory`); ``colours``: a :class:`PriorColours` (default from that memory,
     else from the DM). The networks' train/eval modes are restored afterwards.
     """
-    use_tpe = stage == 1 or net.dm is None
+    gen = getattr(net, 'prior_gen', None)  # a prior generator other than the DM (network_g.prior_generator)
+    use_tpe = stage == 1 or (net.dm is None and gen is None)
     if use_tpe and tpe is None:
         raise UserError('the prior of a stage-1 checkpoint (or of a network without a DM) comes from its TPE: '
                         'pass the TPE checkpoint (--tpe net_tpe_<iter>.pth)')
@@ -206,6 +207,9 @@ def explain_image(net, image, tpe=None, stage=2, memory=None, colours=None, tile
             memory, mem_note = default_memory(tpe)
         if memory is not None:
             memory = memory.to(device)
+        if colours is None and memory is None and gen is not None:
+            atoms = gen.memory if hasattr(gen, 'memory') else gen.codebook
+            colours = PriorColours.from_memory(atoms, source=f'{net.prior_generator} generator atoms (no TPE)')
         if colours is None:
             colours = PriorColours.from_memory(memory) if memory is not None else PriorColours.from_dm(net.dm)
         with torch.no_grad(), OffsetRecorder(net) as rec:
@@ -244,9 +248,10 @@ def explain_image(net, image, tpe=None, stage=2, memory=None, colours=None, tile
         prior_source = f'TPE read ({mem_note or "given memory"})'
         index_source = 'memory entry the TPE read selected'
     else:
-        prior_source = f'DM sample (seed {seed})'
-        index_source = ('memory entry nearest the DM prior' + (f' ({mem_note})' if mem_note else '')
-                        if index is not None else 'none: no TPE checkpoint')
+        prior_source = f'DM sample (seed {seed})' if gen is None else f'{net.prior_generator} generator'
+        nearest = f'memory entry nearest the {"DM" if gen is None else "generated"} prior'
+        index_source = (nearest + (f' ({mem_note})' if mem_note else '') if index is not None
+                        else 'none: no TPE checkpoint')
     z0 = z[0].float().cpu()
     return {
         'input': x[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy(),

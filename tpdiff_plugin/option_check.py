@@ -17,7 +17,7 @@ import difflib
 import os
 
 import torch
-from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
+from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
 
 import tpdiff_plugin  # noqa: F401  (registers the plugin's models and datasets, whose schemas are read below)
 from tpdiff_plugin.data.image_checks import check_lmdb_complete
@@ -174,6 +174,22 @@ def _check_prior_shapes(opt, source):
         block = opt.get(f'network_{label}')
         if isinstance(block, dict) and block.get('prior_scale') is not None:
             check_int(block['prior_scale'], f'network_{label}.prior_scale', 1, source)
+    if isinstance(g, dict) and isinstance(tpe, dict) and g.get('prior_generator') in ('memory_bank', 'sparse_coding'):
+        slots_g, slots_tpe = g.get('mem_slots', 256), tpe.get('mem_slots', 256)
+        if slots_g != slots_tpe:
+            raise UserError(f'{source}: network_g.mem_slots ({slots_g}) and network_tpe.mem_slots ({slots_tpe}) '
+                            f'differ; prior_generator {g["prior_generator"]} copies the TPE memory, so they must be equal')
+
+
+def _check_network_choices(opt, source):
+    """A network's options with a fixed set of values (the class's ``CHOICE_OPTIONS``)."""
+    for key, block in opt.items():
+        if not (isinstance(key, str) and key.startswith('network_') and isinstance(block, dict)):
+            continue
+        arch = _declared(ARCH_REGISTRY, block.get('type'), 'CHOICE_OPTIONS')
+        for option, choices in (arch.CHOICE_OPTIONS.items() if arch is not None else ()):
+            if block.get(option) is not None and block[option] not in choices:
+                raise UserError(f'{source}: {key}.{option}: {block[option]!r} is not one of {", ".join(choices)}')
 
 
 def validate_schema(opt, source):
@@ -184,6 +200,7 @@ def validate_schema(opt, source):
     _check_keys(opt, model, source)
     _check_numbers(opt, model, source)
     _check_datasets(opt, source)
+    _check_network_choices(opt, source)
     _check_prior_shapes(opt, source)
 
 

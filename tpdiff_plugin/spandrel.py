@@ -87,6 +87,10 @@ def detect_options(sd):
     """``TPDiffNet`` keyword arguments read from a state dict alone (see the module docstring)."""
     if not DETECT(sd):
         raise UnsupportedModelError('not a TPDiffNet state dict (patch_embed, encoder_level1, ..., output)')
+    if any(k.startswith('prior_gen.') for k in sd):
+        raise UnsupportedModelError('TPDiffNet: a network with prior_generator memory_bank, sparse_coding or vq '
+                                    '(the paper\'s comparison generators) is not supported here; use '
+                                    'Deblurrer.from_checkpoint')
     embed = sd['patch_embed.weight']
     dim = embed.shape[0]
     opts = {'in_ch': embed.shape[1], 'out_ch': sd['output.weight'].shape[0], 'dim': dim,

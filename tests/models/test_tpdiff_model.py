@@ -577,3 +577,55 @@ def test_stage2_filter_ablations_start_from_the_default_stage1_net_and_train(sta
     own_layers = {'none': '.attn.qkv.', 'before_dwconv': '.ffn.prior_convs.'}.get(switch[1], '.attn.filter.')
     assert [k for k in own if own_layers in k] and all(k in moved for k in own if own_layers in k)
     assert 'patch_embed.weight' in moved
+
+
+# ---------------------------------------------------------------------------------------------- issue 13
+@pytest.mark.parametrize('name', ['memory_bank', 'sparse_coding', 'vq'])
+def test_stage2_prior_generators_train_against_the_dm_target_and_deblur_without_the_tpe(stage1_ckpt, name, tmp_path):
+    """What options/analysis/tpdiff_stage2_prior_*.yml do: net_g's generator replaces the DM, copies the TPE
+    memory the DM's target is read from (memory bank, sparse coding), is trained by L_diff against that target
+    (VQ also by its codebook and commitment terms), and a test-mode model deblurs with net_g alone."""
+    opt = stage2_opt(stage1_ckpt)
+    opt['network_g'].update(prior_generator=name, mem_slots=TINY_TPE['mem_slots'])
+    opt['path']['strict_load_g'] = False  # the stage-1 DN holds a DM, not this generator
+    model = build(opt)
+    net, tpe = model.bare('g'), model.bare('tpe')
+    assert net.dm is None and model.cri_diff is not None
+    if name != 'vq':
+        assert torch.equal(net.prior_gen.memory, tpe.memory_ema)
+    assert name in model.prior_description()
+    before = snapshot(net.prior_gen)
+    model.feed_data(batch(60))
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    assert 'l_diff' in log and ('l_vq' in log) == (name == 'vq')
+    trained = set(changed(before, net.prior_gen))
+    assert {k for k, _ in net.prior_gen.named_parameters()} <= trained
+    assert 'memory' not in trained  # the TPE's entries, retrieved, not learned
+    # the target is the DM's: the TPE reading its memory EMA, from the blurry batch alone
+    data = batch(61)
+    with torch.no_grad():
+        _, extra = model.deblur_train(data['lq'], data['ref'])
+        z_hat = net(data['lq'], return_prior=True)[1]
+        assert torch.allclose(extra['l_diff'], model.cri_diff(z_hat, tpe.read(data['lq'], memory=tpe.memory_ema)))
+    model.save(0, 1)
+    test_opt = {**opt, 'is_train': False, 'path': {'pretrain_network_g': os.path.join(opt['path']['models'],
+                                                                                      'net_g_1.pth')}}
+    tester = build(test_opt)
+    assert tester.net_labels == ['g']
+    x = torch.rand(1, 3, 17, 23)
+    tester.feed_data({'lq': x})
+    tester.test()
+    with torch.no_grad():
+        assert torch.allclose(tester.output, model.bare('g').eval()(x), atol=1e-6)
+
+
+def test_prior_generator_options_are_checked(tmp_path):
+    from tpdiff_plugin.option_check import validate_schema
+    opt = make_opt(str(tmp_path), stage=2)
+    opt['network_g']['prior_generator'] = 'memorybank'
+    with pytest.raises(UserError, match=r'network_g.prior_generator: .memorybank. is not one of dm, memory_bank'):
+        validate_schema(opt, 'x.yml')
+    opt['network_g'].update(prior_generator='sparse_coding', mem_slots=8)
+    with pytest.raises(UserError, match=r'network_g.mem_slots \(8\) and network_tpe.mem_slots \(16\) differ'):
+        validate_schema(opt, 'x.yml')

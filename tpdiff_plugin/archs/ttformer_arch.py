@@ -38,6 +38,7 @@ from tpdiff_plugin.archs.arch_util import icnr_, pad_to_multiple, zero_init_
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
 from tpdiff_plugin.archs.adaptive_filter import DeformFilterBase, check_deform_impl, check_filter_type
 from tpdiff_plugin.archs.fm_msa import FMMSA
+from tpdiff_plugin.archs.prior_generators import PRIOR_GENERATORS, build_prior_generator, check_prior_generator
 from tpdiff_plugin.archs.tm_ffn import TMFFN
 
 
@@ -161,7 +162,7 @@ class TPDiffNet(nn.Module):
     - ``prior`` given: used as is (DM bypassed). Else with ``use_dm``: ``ẑ = dm(padded lq, z_target=prior_target)``
       (the training path when ``prior_target`` is given, sampling from N(0, I) otherwise; ``generator``
       makes the sampling reproducible; ``noise`` gives the DM's Gaussian draw itself, as tiled inference
-      does). Else zeros.
+      does), or ``ẑ = prior_gen(padded lq)`` for another ``prior_generator``. Else zeros.
     - ``detach_prior``: the U-Net sees ``prior.detach()`` (the paper's "w/o joint training" ablation);
       the returned prior is NOT detached, so an L1 diffusion loss on it still trains the DM.
     - Prior shapes for callers: ``[B, prior_ch, ceil(H/s), ceil(W/s)]``.
@@ -178,21 +179,33 @@ class TPDiffNet(nn.Module):
     grad_checkpoint (recompute block activations in backward to save training memory: measured on CPU, one
     forward+backward at 96 px keeps ~1.3 GiB per image without it), identity_init (zero the output conv, so an
     untrained net returns its input exactly: ``out = lq + 0``; default on, see ``arch_util.zero_init_``),
-    icnr_init (the pixel-shuffle upsamplers start checkerboard-free, see ``Upsample``; default on).
+    icnr_init (the pixel-shuffle upsamplers start checkerboard-free, see ``Upsample``; default on),
+    prior_generator (what makes the prior with ``use_dm``: 'dm' (default, ``self.dm``) or the paper's
+    comparison generators 'memory_bank', 'sparse_coding', 'vq' (``self.prior_gen``, ``prior_generators.py``,
+    with dm_feats features and dm_cond_blocks + dm_blocks encoder blocks; the DM is then not built)),
+    mem_slots (their number of memory atoms / codebook entries; the memory-based two copy the TPE memory, so
+    it must equal network_tpe.mem_slots).
     """
 
     #: option names of earlier releases -> today's (``utils/networks.py`` names the new one in its error)
     RENAMED_OPTIONS = {'inp_channels': 'in_ch', 'out_channels': 'out_ch'}
+    #: options with a fixed set of values (``option_check`` names the key in its error)
+    CHOICE_OPTIONS = {'prior_generator': PRIOR_GENERATORS}
 
     def __init__(self, in_ch=3, out_ch=3, dim=30, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
                  heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False, prior_ch=64, prior_scale=4,
                  filter_kernel=3, fm_msa=True, multi_scale_prior=True, use_dm=True, dm_feats=64, dm_blocks=5,
                  dm_timesteps=8, deform_impl='auto', offset_groups=1, prior_hidden=16, dm_cond_blocks=2,
                  dm_beta_start=0.1, dm_beta_end=0.99, grad_checkpoint=False, identity_init=True,
-                 icnr_init=True, filter_type='modulated_deform', tm_ffn_modulation='after_gate'):
+                 icnr_init=True, filter_type='modulated_deform', tm_ffn_modulation='after_gate', prior_generator='dm',
+                 mem_slots=256):
         super().__init__()
         check_deform_impl(deform_impl)
         check_filter_type(filter_type)
+        check_prior_generator(prior_generator)
+        if prior_generator != 'dm' and not use_dm:
+            raise ValueError(f'prior_generator {prior_generator!r} needs use_dm: true (use_dm: false is the w/o-DM '
+                             'ablation, whose prior the TPE gives)')
         if dim % 2:
             raise ValueError(f'dim must be even (pixel-unshuffle halves it before doubling), got {dim}')
         if out_ch != in_ch:
@@ -205,7 +218,15 @@ class TPDiffNet(nn.Module):
         self.pad_multiple = 8 * prior_scale // math.gcd(8, prior_scale)
         self.dm = PriorDiffusion(in_ch=in_ch, prior_ch=prior_ch, prior_scale=prior_scale, feat_ch=dm_feats,
                                  num_blocks=dm_blocks, timesteps=dm_timesteps, beta_start=dm_beta_start,
-                                 beta_end=dm_beta_end, num_cond_blocks=dm_cond_blocks) if use_dm else None
+                                 beta_end=dm_beta_end, num_cond_blocks=dm_cond_blocks) \
+            if use_dm and prior_generator == 'dm' else None
+        self.prior_generator = prior_generator if use_dm else None
+        if use_dm and prior_generator != 'dm':  # None otherwise: the DM net's state dict is unchanged
+            self.prior_gen = build_prior_generator(prior_generator, in_ch=in_ch, prior_ch=prior_ch,
+                                                   prior_scale=prior_scale, feat_ch=dm_feats,
+                                                   num_blocks=dm_cond_blocks + dm_blocks, mem_slots=mem_slots)
+        else:
+            self.prior_gen = None
 
         common = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, prior_ch=prior_ch, fm_msa=fm_msa,
                       filter_kernel=filter_kernel, offset_groups=offset_groups, prior_hidden=prior_hidden,
@@ -292,6 +313,9 @@ class TPDiffNet(nn.Module):
             if noise is not None:
                 noise = self._pad_prior(noise, 'noise', expected, padded_hw)
             z_full = self.dm(x, z_target=target, generator=generator, noise=noise)
+            z = z_full[..., :expected[2], :expected[3]]
+        elif self.prior_gen is not None:  # from lq alone: prior_target, generator and noise are not used
+            z_full = self.prior_gen(x)
             z = z_full[..., :expected[2], :expected[3]]
         else:
             z_full = lq.new_zeros((lq.shape[0], self.prior_ch) + padded_hw)

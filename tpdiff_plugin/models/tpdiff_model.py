@@ -45,7 +45,11 @@ Ablation switches of stage 2 (see options/README.md): ``network_g.use_dm: false`
 comes from the frozen TPE reading its learned memory, which needs no sharp image, in training and at
 inference), ``train.use_tpe: false`` (no TPE: the DM is trained by the image losses alone through its
 sampling path, no L_diff), ``train.joint_train: false``, ``train.wave_opt.loss_weight: 0``, and the
-architecture switches ``network_g.fm_msa`` / ``multi_scale_prior``.
+architecture switches ``network_g.fm_msa`` / ``multi_scale_prior``. ``network_g.prior_generator`` (the paper's
+comparison of prior generators: ``memory_bank``, ``sparse_coding``, ``vq``) replaces the DM by another generator
+of the prior from b (``net_g.prior_gen``), trained by the same L_diff against the same target and run by
+validation; the memory-based two copy the TPE memory that target is read from when stage 2 starts, and VQ's
+codebook + commitment terms are logged as ``l_vq`` (weight 1).
 """
 import os
 from collections import OrderedDict
@@ -100,8 +104,9 @@ class TPDiffModel(UnpairedCycleModel):
             if not hasattr(net, 'dm'):
                 raise UserError(f'network_g: TPDiffModel needs a TPDiffNet-like net with a .dm attribute, '
                                 f'got {type(net).__name__}')
-            if self.stage == 1 and net.dm is not None:
-                net.dm.requires_grad_(False)  # stage 1 has no DM: keep it out of optim_g and DDP
+            for gen in (net.dm, getattr(net, 'prior_gen', None)):
+                if self.stage == 1 and gen is not None:
+                    gen.requires_grad_(False)  # stage 1 has no DM: keep it out of optim_g and DDP
 
         if self.stage == 2 and self.is_train:
             needed = ('tpe', 'g', 'rb') if self.use_tpe else ('g', 'rb')
@@ -111,7 +116,9 @@ class TPDiffModel(UnpairedCycleModel):
                                     'stage-1 checkpoint, e.g. '
                                     f'experiments/<stage-1 name>/models/net_{label}_latest.pth')
         self.add_network('g', prepare=prepare_g)
-        self.has_dm = self.bare('g').dm is not None
+        # has_dm: the prior comes from a generator in net_g, the DM or another (network_g.prior_generator)
+        self.prior_gen = getattr(self.bare('g'), 'prior_gen', None)
+        self.has_dm = self.bare('g').dm is not None or self.prior_gen is not None
         if self.stage == 2 and not self.has_dm and not self.use_tpe:
             raise UserError('network_g.use_dm: false with train.use_tpe: false leaves no prior at all; '
                             'turn one of them on')
@@ -121,6 +128,15 @@ class TPDiffModel(UnpairedCycleModel):
             self.add_network('tpe', frozen=self.stage == 2)
         elif 'network_tpe' in self.opt and not self.use_tpe:
             get_root_logger().info('train.use_tpe is false: network_tpe is not built (w/o TPE ablation).')
+        if self.stage == 2 and self.prior_gen is not None and hasattr(self.prior_gen, 'memory'):
+            if not self.use_tpe:
+                raise UserError(f'network_g.prior_generator: {self.bare("g").prior_generator} reads the TPE memory; '
+                                'train.use_tpe: false leaves none (use dm or vq)')
+            if self.is_train:  # the memory the target is read from; a trained net_g carries its copy
+                try:
+                    self.prior_gen.load_memory(self._val_memory())
+                except ValueError as e:
+                    raise UserError(f'network_g: {e}') from None
         self.define_cycle_networks()
 
     def init_training_settings(self):
@@ -238,11 +254,16 @@ class TPDiffModel(UnpairedCycleModel):
             return self.net_g(blur, prior=z), extra
         out, z_hat = self.net_g(blur, prior_target=z, return_prior=True, detach_prior=not self.joint_train)
         extra['l_diff'] = self.cri_diff(z_hat, z)
+        aux = getattr(self.prior_gen, 'last_aux_loss', None)  # VQ's codebook + commitment terms
+        if aux is not None:
+            extra['l_vq'] = aux
         return out, extra
 
     # ------------------------------------------------------------------ inference
     def prior_description(self):
         """Which prior path validation/test runs (logged before every validation)."""
+        if self.stage == 2 and self.prior_gen is not None:
+            return f'prior generator {self.bare("g").prior_generator} (from the blurry image)'
         if self.stage == 2 and self.has_dm:
             return f'DM sampling (T={self.bare("g").dm.timesteps})'
         suffix = '' if self.stage == 1 else ' (w/o DM)'

@@ -49,6 +49,9 @@ class ExportableTPDiff(nn.Module):
         super().__init__()
         if not isinstance(net, TPDiffNet):
             raise UserError(f'export: expected a TPDiffNet, got {type(net).__name__}')
+        if net.prior_gen is not None:
+            raise UserError(f'export: a TPDiffNet with prior_generator {net.prior_generator} (the paper\'s comparison '
+                            'generators) is not exportable; only the DM and use_dm: false are')
         self.net = net.eval()
         self.net.set_deform_impl('grid_sample')
         self.multiple = net.pad_multiple
