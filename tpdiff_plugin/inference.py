@@ -44,7 +44,7 @@ from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
 from tpdiff_plugin.utils.option_files import find_options_file, load_options_file
 
-__all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'restorer_from_checkpoint', 'check_tiling', 'tile_starts',
+__all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'add_checkpoint_arguments', 'restorer_from_checkpoint', 'check_tiling', 'tile_starts',
            'axis_windows', 'run_tiled', 'image_to_tensor', 'tensor_to_image']
 
 
@@ -78,6 +78,18 @@ HINT_STORED = (f'the network options stored in the checkpoint ({NETWORK_OPT_KEY}
                'pass the --opt (network_g) it was trained with')
 HINT_NONE = ('the checkpoint carries no network options (it predates stored options, or was not saved by '
              'tpdiff-plugin), so the paper-size TPDiffNet was assumed; pass the --opt (network_g) it was trained with')
+
+
+CHECKPOINT_OPT_HELP = ('options file whose network_g builds the network (default: the network options stored in the '
+                       'checkpoint; for a checkpoint without them, the paper-size TPDiffNet)')
+
+
+def add_checkpoint_arguments(parser, opt_help=CHECKPOINT_OPT_HELP):
+    """``--weights``, ``--opt`` and ``--param-key``, the arguments of every tool that loads a restorer with
+    :func:`restorer_from_checkpoint` (``tpdiff deblur``, ``export``, ``explain``)."""
+    parser.add_argument('--weights', required=True, metavar='W.pth', help='basicsr checkpoint (net_g_*.pth)')
+    parser.add_argument('--opt', default=None, metavar='X.yml', help=opt_help)
+    parser.add_argument('--param-key', default=None, help='checkpoint entry (default: params_ema, else params)')
 
 
 def load_weights(net, weights, param_key=None, ckpt=None, hint=HINT_EXPLICIT):

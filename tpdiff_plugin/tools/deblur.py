@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, MAX_PIXELS, check_declared_size
-from tpdiff_plugin.inference import Deblurrer, check_tiling, image_to_tensor, tensor_to_image
+from tpdiff_plugin.inference import (Deblurrer, add_checkpoint_arguments, check_tiling, image_to_tensor,
+                                     tensor_to_image)
 from tpdiff_plugin.utils.errors import UserError
 
 COMMAND = 'deblur'
@@ -45,11 +46,7 @@ def add_arguments(parser):
                         help='image files, folders (not recursive) or quoted glob patterns')
     parser.add_argument('-o', '--output', required=True, metavar='OUT',
                         help='output folder (created); or an image file name for a single input file')
-    parser.add_argument('--weights', required=True, metavar='W.pth', help='basicsr checkpoint (net_g_*.pth)')
-    parser.add_argument('--opt', default=None, metavar='X.yml',
-                        help='options file whose network_g builds the network (default: the network options '
-                             'stored in the checkpoint; for a checkpoint without them, the paper-size TPDiffNet)')
-    parser.add_argument('--param-key', default=None, help='checkpoint entry (default: params_ema, else params)')
+    add_checkpoint_arguments(parser)
     parser.add_argument('--tile', type=int, default=512,
                         help='tile size in pixels, rounded down to the network size multiple; 0: whole images '
                              '(default 512)')

@@ -15,7 +15,8 @@ import re
 
 from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, MAX_PIXELS
 from tpdiff_plugin.explain import explain_figure, explain_image, tpe_from_checkpoint
-from tpdiff_plugin.inference import _resolve_device, check_tiling, restorer_from_checkpoint
+from tpdiff_plugin.inference import (_resolve_device, add_checkpoint_arguments, check_tiling,
+                                     restorer_from_checkpoint)
 from tpdiff_plugin.tools.deblur import read_image, write_image
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.option_files import load_options_file
@@ -28,16 +29,13 @@ HELP = ('One figure of an image: input, output, the texture prior as colour, the
 def add_arguments(parser):
     parser.add_argument('-i', '--input', required=True, metavar='IMG', help='the image to explain')
     parser.add_argument('-o', '--output', required=True, metavar='OUT.png', help='the figure (.png, .jpg, ...)')
-    parser.add_argument('--weights', required=True, metavar='W.pth', help='basicsr checkpoint (net_g_*.pth)')
-    parser.add_argument('--opt', default=None, metavar='X.yml',
-                        help='options file whose network_g (and network_tpe) build the networks (default: the '
-                             'network options stored in the checkpoints)')
+    add_checkpoint_arguments(parser, opt_help='options file whose network_g (and network_tpe) build the networks '
+                             '(default: the network options stored in the checkpoints)')
     parser.add_argument('--tpe', default=None, metavar='T.pth',
                         help='TPE checkpoint (default: net_tpe_<iter>.pth next to --weights, if there)')
     parser.add_argument('--stage', type=int, choices=(1, 2), default=None,
                         help='1: the TPE gives the prior; 2: the DM samples it (default: the experiment\'s '
                              'options file next to the checkpoint, else 2)')
-    parser.add_argument('--param-key', default=None, help='checkpoint entry (default: params_ema, else params)')
     parser.add_argument('--tile', type=int, default=512, help='tile size in pixels; 0: the whole image (default 512)')
     parser.add_argument('--tile-overlap', type=int, default=32, help='overlap of neighbouring tiles (default 32)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the DM initial noise (default 0)')

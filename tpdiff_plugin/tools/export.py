@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
-from tpdiff_plugin.inference import restorer_from_checkpoint
+from tpdiff_plugin.inference import add_checkpoint_arguments, restorer_from_checkpoint
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.measure import parse_size
 from tpdiff_plugin.version import __version__
@@ -175,11 +175,7 @@ def check_export(model, path, fmt, sizes):
 def add_arguments(parser):
     parser.add_argument('--format', choices=sorted(FORMATS), default=None,
                         help='default: from the output name (.onnx; .pt, .ts or .torchscript)')
-    parser.add_argument('--weights', required=True, metavar='W.pth', help='basicsr checkpoint (net_g_*.pth)')
-    parser.add_argument('--opt', default=None, metavar='X.yml',
-                        help='options file whose network_g builds the network (default: the network options '
-                             'stored in the checkpoint)')
-    parser.add_argument('--param-key', default=None, help='checkpoint entry (default: params_ema, else params)')
+    add_checkpoint_arguments(parser)
     parser.add_argument('-o', '--output', required=True, metavar='FILE', help='file to write')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET,
                         help=f'ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})')
