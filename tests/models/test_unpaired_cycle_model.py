@@ -407,24 +407,31 @@ def test_sharp_cycle_noise_degrades_only_dn_input_of_the_sharp_cycle():
         assert torch.equal(seen[0][4:], plain.bare('rb')(data['ref']))
 
 
-def test_sharp_cycle_noise_ramp_grows_the_sigma_from_zero():
-    """With sharp_cycle_noise_ramp N, DN's sharp-cycle input at iteration i carries noise of sigma i/N of the
-    asked one (only the 8-bit rounding at iteration 0), and the full sigma from iteration N on."""
-    data = batch(15, n=4, size=32)
-    model = build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_ramp=100), seed=1)
+def _sharp_cycle_inputs(model, data, iterations):
+    """``(clean RN(s), mask of its pixels away from 0 and 1, {iteration: DN's sharp-cycle input})``: the sharp
+    half of DN's input batch in ``generator_losses`` at each of ``iterations``."""
     model.feed_data(data)
     seen = []
-    model.bare('g').register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    hook = model.bare('g').register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
     with torch.no_grad():
         clean = model.bare('rb')(data['ref'])
-    inside = (clean > 0.05) & (clean < 0.95)
-    stds = {}
-    for it in (0, 50, 100, 400):
+    inputs = {}
+    for it in iterations:
         model.current_iter = it
         seen.clear()
         with torch.no_grad():
             model.generator_losses()
-        stds[it] = (seen[0][4:] - clean)[inside].std().item() * 255
+        inputs[it] = seen[0][len(data['ref']):]
+    hook.remove()
+    return clean, (clean > 0.05) & (clean < 0.95), inputs
+
+
+def test_sharp_cycle_noise_ramp_grows_the_sigma_from_zero():
+    """With sharp_cycle_noise_ramp N, DN's sharp-cycle input at iteration i carries noise of sigma i/N of the
+    asked one (only the 8-bit rounding at iteration 0), and the full sigma from iteration N on."""
+    model = build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_ramp=100), seed=1)
+    clean, inside, inputs = _sharp_cycle_inputs(model, batch(15, n=4, size=32), (0, 50, 100, 400))
+    stds = {it: (x - clean)[inside].std().item() * 255 for it, x in inputs.items()}
     rounding = math.sqrt(1 / 12)
     assert stds[0] == pytest.approx(rounding, rel=0.15)  # no noise yet, only the rounding
     assert stds[50] == pytest.approx(math.sqrt(2 ** 2 + 1 / 12), rel=0.1)  # half way: sigma 2
@@ -437,30 +444,13 @@ def test_sharp_cycle_noise_ramp_grows_the_sigma_from_zero():
 def test_sharp_cycle_noise_start_switches_the_noise_on_later():
     """With sharp_cycle_noise_start S (and ramp N), DN's sharp-cycle input is RN(s) itself up to iteration S (not
     even rounded), then rounded and noisy, the noise's sigma growing over the next N iterations."""
-    data = batch(15, n=4, size=32)
     model = build(make_opt(sharp_cycle_noise=[4, 4], sharp_cycle_noise_start=200, sharp_cycle_noise_ramp=100), seed=1)
-    model.feed_data(data)
-    seen = []
-    model.bare('g').register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
-    with torch.no_grad():
-        clean = model.bare('rb')(data['ref'])
-    inside = (clean > 0.05) & (clean < 0.95)
-    stds = {}
-    for it in (1, 200, 250, 300, 900):
-        model.current_iter = it
-        seen.clear()
-        with torch.no_grad():
-            model.generator_losses()
-        stds[it] = (seen[0][4:] - clean)[inside].std().item() * 255
-    rounding = math.sqrt(1 / 12)
+    clean, inside, inputs = _sharp_cycle_inputs(model, batch(15, n=4, size=32), (1, 200, 201, 250, 300, 900))
+    stds = {it: (x - clean)[inside].std().item() * 255 for it, x in inputs.items()}
     assert stds[1] == 0 and stds[200] == 0  # RN(s) exactly
     assert stds[250] > 1  # then noise (the rounding alone would be 0.29)
-    model.current_iter = 201
-    seen.clear()
-    with torch.no_grad():
-        model.generator_losses()
-    assert (seen[0][4:] * 255 - (seen[0][4:] * 255).round()).abs().max() < 1e-3  # on the 8-bit grid from S + 1 on
-    assert ((seen[0][4:] - clean)[inside].std().item() * 255) == pytest.approx(math.sqrt(0.04 ** 2 + 1 / 12), rel=0.15)
+    assert (inputs[201] * 255 - (inputs[201] * 255).round()).abs().max() < 1e-3  # on the 8-bit grid from S + 1 on
+    assert stds[201] == pytest.approx(math.sqrt(0.04 ** 2 + 1 / 12), rel=0.15)
     assert stds[250] == pytest.approx(math.sqrt(2 ** 2 + 1 / 12), rel=0.1)
     assert stds[300] == pytest.approx(math.sqrt(4 ** 2 + 1 / 12), rel=0.1)
     assert stds[900] == pytest.approx(stds[300], rel=0.1)
