@@ -63,17 +63,22 @@ def test_without_prior_is_plain_gdfn_with_fewer_params():
     assert torch.equal(plain(x, torch.randn(1, 4, 6, 6)), plain(x))
 
 
-def test_prior_change_acts_only_where_it_happens():
-    """The modulation is per pixel (1x1 convs on z, applied after the depthwise conv): a local change of z
-    changes the output exactly in that region."""
+def _local_prior_change_delta(**kwargs):
+    """Per-pixel output change of a TMFFN(8, prior_ch=4) when z changes by +2 in rows 4:8, columns 9:13."""
     torch.manual_seed(0)
-    ffn = TMFFN(8, prior_ch=4, prior_hidden=4)
+    ffn = TMFFN(8, prior_ch=4, prior_hidden=4, **kwargs)
     x = torch.randn(1, 8, 16, 16)
     z = torch.randn(1, 4, 16, 16)
     z2 = z.clone()
     z2[..., 4:8, 9:13] += 2.0
     with torch.no_grad():
-        delta = (ffn(x, z2) - ffn(x, z)).abs().sum(dim=1)[0]
+        return (ffn(x, z2) - ffn(x, z)).abs().sum(dim=1)[0]
+
+
+def test_prior_change_acts_only_where_it_happens():
+    """The modulation is per pixel (1x1 convs on z, applied after the depthwise conv): a local change of z
+    changes the output exactly in that region."""
+    delta = _local_prior_change_delta()
     assert delta[4:8, 9:13].min() > 0
     delta[4:8, 9:13] = 0
     assert delta.max() == 0
@@ -112,14 +117,7 @@ def test_modulation_before_dwconv_changes_the_output():
 
 def test_modulation_before_dwconv_spreads_a_local_prior_change_by_the_dwconv_only():
     """Before the depthwise 3x3 conv, a local change of z reaches the region plus one pixel around it."""
-    torch.manual_seed(0)
-    ffn = TMFFN(8, prior_ch=4, prior_hidden=4, modulation='before_dwconv')
-    x = torch.randn(1, 8, 16, 16)
-    z = torch.randn(1, 4, 16, 16)
-    z2 = z.clone()
-    z2[..., 4:8, 9:13] += 2.0
-    with torch.no_grad():
-        delta = (ffn(x, z2) - ffn(x, z)).abs().sum(dim=1)[0]
+    delta = _local_prior_change_delta(modulation='before_dwconv')
     assert delta[3:9, 8:14].min() > 0  # the ring around the region changes too (after_gate: it would not)
     delta[3:9, 8:14] = 0
     assert delta.max() == 0
