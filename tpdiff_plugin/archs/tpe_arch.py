@@ -155,13 +155,17 @@ class TexturePriorEncoder(nn.Module):
         reads, or a list of k entries (batches or None), one memory for each of k equal chunks of ``blur``
         along the batch dim (TPDiffModel: the real blurry chunk reads a memory written from the unpaired
         sharp batch, the chunks made from that batch read one written from another batch). One call, so a
-        DDP-wrapped TPE runs a single forward."""
+        DDP-wrapped TPE runs a single forward; a batch listed more than once is written once."""
         if not isinstance(sharp, (list, tuple)):
             return self.read(blur, self.write(sharp) if sharp is not None else None, return_index=return_index)
         if blur.shape[0] % len(sharp):
             raise ValueError(f'TexturePriorEncoder: {blur.shape[0]} blurry images do not split into '
                              f'{len(sharp)} equal chunks, one per sharp batch')
-        outs = [self.read(chunk, self.write(s) if s is not None else None, return_index=True)
+        written = {}  # id of a sharp batch -> its memory
+        for s in sharp:
+            if s is not None and id(s) not in written:
+                written[id(s)] = self.write(s)
+        outs = [self.read(chunk, written.get(id(s)), return_index=True)
                 for chunk, s in zip(blur.chunk(len(sharp)), sharp)]
         z = torch.cat([o[0] for o in outs])
         return (z, torch.cat([o[1] for o in outs])) if return_index else z

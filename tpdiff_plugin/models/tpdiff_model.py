@@ -50,6 +50,11 @@ comparison of prior generators: ``memory_bank``, ``sparse_coding``, ``vq``) repl
 of the prior from b (``net_g.prior_gen``), trained by the same L_diff against the same target and run by
 validation; the memory-based two copy the TPE memory that target is read from when stage 2 starts, and VQ's
 codebook + commitment terms are logged as ``l_vq`` (weight 1).
+
+``train.self_enhance`` (either stage; the paper's TP-Diff-se, our reading of SEMGUD's strategy): a frozen
+pretrained teacher T gives pseudo pairs (b, T(b)) and / or (RN(T(b)), T(b)); DN gets a supervised loss on them,
+``l_self_enhance`` (``self_enhancement.py``). The pseudo-blurry chunk goes through DN's pass with the others and
+gets its prior as b does (the memory written from s; the DM path in stage 2).
 """
 import os
 from collections import OrderedDict
@@ -61,6 +66,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from tpdiff_plugin.archs.tpe_arch import nearest_entries
+from tpdiff_plugin.models.self_enhancement import SelfEnhancement, parse_self_enhance
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.checkpoint import read_checkpoint
 from tpdiff_plugin.utils.errors import UserError
@@ -73,7 +79,8 @@ class TPDiffModel(UnpairedCycleModel):
     NETWORK_LABELS = UnpairedCycleModel.NETWORK_LABELS + ('tpe',)
     TOP_KEYS = frozenset({'stage'})
     TRAIN_KEYS = UnpairedCycleModel.TRAIN_KEYS | {'diff_opt', 'joint_train', 'use_tpe', 'sharp_cycle_prior',
-                                                  'dm_target'}
+                                                  'dm_target', 'self_enhance'}
+    TRAIN_CHECKS = {'self_enhance': parse_self_enhance}  # nested options, checked early by option_check
     VAL_KEYS = frozenset({'sample_seed'})
     PATH_KEYS = frozenset({'resume_optim_d'})
     TB_FIGURES = 2  # validation images whose explain figure goes to tensorboard
@@ -96,6 +103,7 @@ class TPDiffModel(UnpairedCycleModel):
             raise UserError('train.use_tpe: false is a stage-2 ablation; stage 1 trains the TPE')
         self.last_sharp = None  # most recent training sharp batch (stage-1 validation writes the memory from it)
         self.other_sharp = None  # the one before: the sharp-cycle chunks read a memory written from it
+        self.self_enhance = None  # train.self_enhance: the teacher and its loss
         super().__init__(opt)
 
     # ------------------------------------------------------------------ networks
@@ -141,6 +149,9 @@ class TPDiffModel(UnpairedCycleModel):
 
     def init_training_settings(self):
         super().init_training_settings()
+        se_opt = self.opt['train'].get('self_enhance')
+        if se_opt is not None:
+            self.self_enhance = SelfEnhancement(se_opt, self.device, self.opt.get('name', 'options'))
         self.cri_diff = None
         if self.stage == 2 and self.has_dm and self.use_tpe:
             diff_opt = self.opt['train'].get('diff_opt') or {'type': 'L1Loss', 'loss_weight': 1.0}
@@ -198,11 +209,12 @@ class TPDiffModel(UnpairedCycleModel):
         self.last_sharp = self.ref.detach()
         super().optimize_parameters(current_iter)
 
-    def _memory_sources(self, blur, sharp):
-        """The TPE's ``sharp`` argument for ``blur`` (k chunks): see the module docstring."""
+    def _memory_sources(self, blur, sharp, pseudo=0):
+        """The TPE's ``sharp`` argument for ``blur`` (k chunks, the last ``pseudo`` of them self-enhancement
+        chunks, which read b's memory: the same batch, written once): see the module docstring."""
         if self.sharp_cycle_prior == 'own_batch':
             return sharp
-        return [sharp] + [self.other_sharp] * (blur.shape[0] // sharp.shape[0] - 1)
+        return [sharp] + [self.other_sharp] * (blur.shape[0] // sharp.shape[0] - 1 - pseudo) + [sharp] * pseudo
 
     def _inference_source(self):
         """Which memory stage-1 validation and the w/o-DM ablation read: 'ema' (the TPE's memory EMA), 'batch'
@@ -234,11 +246,23 @@ class TPDiffModel(UnpairedCycleModel):
         self.train_stats['tpe_perplexity'] = perplexity
 
     def deblur_train(self, blur, sharp):
+        se = self.self_enhance
+        if se is None or not se.active(self.current_iter):
+            return self._deblur_chunks(blur, sharp)
+        n, m = sharp.shape[0], blur.shape[0]
+        target, pseudo = se.targets(blur[:n], self.bare('rb'))
+        if pseudo is not None:  # one DN pass for every chunk, the pseudo-blurry one last
+            blur = torch.cat([blur, pseudo])
+        out, extra = self._deblur_chunks(blur, sharp, pseudo=0 if pseudo is None else 1)
+        extra['l_self_enhance'] = se.loss(out[:n], out[m:], target)
+        return out[:m], extra
+
+    def _deblur_chunks(self, blur, sharp, pseudo=0):
         extra = OrderedDict()
         n = sharp.shape[0]
         if self.stage == 1:
             # through the (DDP) wrapper: the TPE trains with G
-            z, index = self.net_tpe(blur, self._memory_sources(blur, sharp), return_index=True)
+            z, index = self.net_tpe(blur, self._memory_sources(blur, sharp, pseudo), return_index=True)
             self._log_usage(index, n)
             return self.net_g(blur, prior=z), extra
         if not self.use_tpe:  # w/o TPE: the DM is trained through the image losses only
@@ -248,7 +272,7 @@ class TPDiffModel(UnpairedCycleModel):
             if not self.has_dm or self.dm_target == 'ema_memory':
                 z, index = tpe.read(blur, memory=self.inference_memory(), return_index=True)
             else:
-                z, index = tpe(blur, self._memory_sources(blur, sharp), return_index=True)
+                z, index = tpe(blur, self._memory_sources(blur, sharp, pseudo), return_index=True)
         self._log_usage(index, n)
         if not self.has_dm:  # w/o DM: the TPE's sharp-free prior, the same at inference
             return self.net_g(blur, prior=z), extra
