@@ -20,6 +20,7 @@ from basicsr.losses import build_loss
 from basicsr.models import build_model
 from basicsr.utils.options import ordered_yaml, parse_options
 from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
+from tpdiff_plugin.archs.peers_arch import PUBLISHED_CONFIGS
 from tpdiff_plugin.data.dataset_layouts import Pair, unpaired_sets
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
@@ -46,7 +47,7 @@ OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train
         'train.sharp_cycle_prior', 'train.dm_target', 'resume_optim_d', 'train.cycle_sharp_opt',
         'train.gan_sharp_opt', 'train.identity_opt', 'train.sharp_cycle_trains_rb', 'train.r1_weight',
         'train.d_update_every', 'filter_type', 'tm_ffn_modulation', 'sharp_sampling', 'sharp_image',
-        'prior_generator')
+        'prior_generator', 'train.self_enhance')
 
 
 def load(path):
@@ -348,6 +349,16 @@ def test_ablation_differs_from_stage2_only_in_its_switch(part):
     diff = {k: abl[k] for k in base if abl[k] != base[k]}
     assert diff.pop('name') == f'TPDiff_Stage2_GoPro_{part}'
     assert diff == ABLATIONS[part]
+
+
+def test_self_enhancement_file_adds_only_the_teacher_block():
+    """TP-Diff-se: tpdiff_stage2.yml plus train.self_enhance, whose teacher is the published NAFNet-GoPro."""
+    base, se = load(OPTIONS / 'tpdiff_stage2.yml'), load(OPTIONS / 'ablations' / 'tpdiff_stage2_se.yml')
+    block = se['train'].pop('self_enhance')
+    assert se.pop('name') == 'TPDiff_Stage2_GoPro_se' and base.pop('name') == 'TPDiff_Stage2_GoPro'
+    assert flatten(se) == flatten(base)
+    assert {**block['teacher'], 'img_channel': 3} == {**PUBLISHED_CONFIGS['NAFNet-GoPro'], 'img_channel': 3}
+    assert block['teacher_weights'].endswith('NAFNet-GoPro-width64.pth') and block['pairs'] == 'reblurred'
 
 
 def test_demo_options_are_tiny_and_cpu():

@@ -7,9 +7,11 @@ Each training file named there is shrunk (tiny widths, 32 px patches, batch 2, t
 its own dataset options through a DataLoader and trained one iteration. Stage-1 runs save their networks and
 state where the stage-2 files look for them (``experiments/<name>/...``), so each stage-2 file starts from its
 stage-1 run as in a real run. Test files build their model from the tiny stage-2 checkpoint and deblur one
-image.
+image. A file with a self-enhancement teacher (``train.self_enhance``) gets a tiny teacher of the same type, with
+weights written next to the tiny data.
 """
 import copy
+import importlib.util
 import math
 import os
 import re
@@ -22,6 +24,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from basicsr.archs import build_network
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 from basicsr.utils.options import parse_options
@@ -30,6 +33,7 @@ from tpdiff_plugin.data.lmdb_writer import write_lmdb
 
 OPTIONS = REPO / 'options'
 SECTION = "## The paper's tables, row by row"
+TINY_TEACHERS = {'PeerNAFNet': dict(width=8, enc_blk_nums=[1, 1], middle_blk_num=1, dec_blk_nums=[1, 1])}
 
 
 def table_rows():
@@ -94,7 +98,20 @@ def tiny(opt, data):
     if 'train' in opt:
         opt['datasets'].pop('val', None)
         opt['train']['total_iter'] = 1
+    teacher = (opt.get('train') or {}).get('self_enhance')
+    if teacher:
+        teacher['teacher_weights'] = tiny_teacher(teacher['teacher'], os.path.dirname(data['blur']))
     return opt
+
+
+def tiny_teacher(block, folder):
+    """Shrink the teacher ``block`` in place and write random weights for it; returns the checkpoint path."""
+    if block['type'].startswith('Peer') and importlib.util.find_spec('spandrel') is None:
+        pytest.skip('the self-enhancement teacher is a spandrel peer; spandrel is not installed')
+    block.update(TINY_TEACHERS[block['type']])
+    path = os.path.join(folder, f'teacher_{block["type"]}.pth')
+    torch.save({'params': build_network(copy.deepcopy(block)).state_dict()}, path)
+    return path
 
 
 def parsed(opt, root, monkeypatch):
@@ -178,6 +195,7 @@ def test_stage2_files_load_their_stage1_run_and_train(name, workspace, monkeypat
         test_stage1_files_build_and_train(stage1, workspace, monkeypatch)
     opt, model = train_one_iteration(name, workspace, monkeypatch)
     assert model.stage == 2
+    assert ('l_self_enhance' in model.get_current_log()) == ('self_enhance' in opt['train'])  # TP-Diff-se's term
     if 'tpe' in model.net_labels:  # the frozen TPE is the stage-1 run's (w/o TPE has none)
         tpe = torch.load(os.path.join('experiments', stage1_run, 'models', 'net_tpe_latest.pth'), weights_only=True)
         assert all(torch.equal(v, model.bare('tpe').state_dict()[k]) for k, v in tpe['params'].items())
