@@ -524,3 +524,48 @@ def test_r1_weight_per_discriminator():
         build(make_opt(r1_weight={'d_sharpp': 1.0}))
     with pytest.raises(UserError, match='r1_weight'):
         build(make_opt(r1_weight={'d_blur': 'strong'}))
+
+
+def _with_checkerboard(image, amplitude):
+    """``image`` plus a +-``amplitude`` pattern of period 2 px: gone after averaging 2x2 blocks."""
+    h, w = image.shape[-2:]
+    sign = ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2) * 2.0 - 1.0
+    return image + amplitude * sign
+
+
+@pytest.mark.parametrize('scale, blind', [(1, False), (2, True)])
+def test_sharp_d_scale_hides_the_finest_detail_from_d_sharp_and_d_wave(scale, blind):
+    """With sharp_d_scale 2, D_S and D_W judge DN's output averaged over 2x2 blocks, so a 2-px checkerboard on it
+    changes neither adversarial term; with the default 1 both see it."""
+    model = build(make_opt(sharp_d_scale=scale))
+    for label in ('d_sharp', 'd_blur', 'd_wave'):
+        model.bare(label).eval()  # spectral norm's power iteration stays put between the two passes
+    model.feed_data(batch(30, size=64))  # D_W needs 12 px after the 2x2 average and the wavelet split
+    plain = model.generator_losses()[1]
+    deblur = model.deblur_train
+    model.deblur_train = lambda blur, sharp: (lambda o: (_with_checkerboard(o[0], 0.05), o[1]))(deblur(blur, sharp))
+    patterned = model.generator_losses()[1]
+    for key in ('l_g_gan_sharp', 'l_g_wave'):
+        assert math.isclose(plain[key].item(), patterned[key].item(), rel_tol=1e-5, abs_tol=1e-7) == blind, key
+    assert patterned['l_cyc_blur'].item() != plain['l_cyc_blur'].item()  # the pattern did reach the output
+
+
+def test_sharp_d_scale_pools_the_discriminators_real_inputs_and_r1():
+    """D_S's real term, D_W's and their R1 penalties are computed on the 2x2-averaged sharp batch."""
+    model = build(make_opt(sharp_d_scale=2, r1_weight={'d_sharp': 2.0}))
+    for label in ('d_sharp', 'd_blur', 'd_wave'):
+        model.bare(label).eval()
+    data = batch(31, size=64)
+    model.feed_data(data)
+    model.generator_losses()
+    pooled = torch.nn.functional.avg_pool2d(data['ref'], 2)
+    losses = model.discriminator_losses()[1]
+    expected_real = model.gan_sharp_loss(model.bare('d_sharp')(pooled), True, is_disc=True)
+    assert losses['l_d_sharp_real'].item() == pytest.approx(expected_real.item(), rel=1e-5)
+    expected_wave = model.cri_wave(model.bare('d_wave')(model.cri_wave.highpass(pooled)), True, is_disc=True)
+    assert losses['l_d_wave_real'].item() == pytest.approx(expected_wave.item(), rel=1e-5)
+    x = pooled.clone().requires_grad_(True)
+    g, = torch.autograd.grad(model.bare('d_sharp')(x).sum(), x)
+    assert model.r1_penalty().item() == pytest.approx(1.0 * g.square().sum(dim=(1, 2, 3)).mean().item(), rel=1e-5)
+    with pytest.raises(UserError, match='train.sharp_d_scale'):
+        build(make_opt(sharp_d_scale=0))

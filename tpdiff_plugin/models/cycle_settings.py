@@ -5,6 +5,8 @@ Each option is documented in ``options/README.md``; here each is checked once, w
 naming it.
 """
 import torch
+import torch.nn.functional as F
+from basicsr.utils import get_root_logger
 
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.option_files import check_int, is_number
@@ -54,3 +56,31 @@ def noisy_8bit(images, low, high):
     sigma = torch.empty(images.shape[0], 1, 1, 1, device=images.device).uniform_(low, high) / 255
     noisy = (images + torch.randn_like(images) * sigma).clamp(0, 1)
     return noisy + (torch.round(noisy * 255) / 255 - noisy).detach()
+
+
+def wave_enabled(train_opt, has_d_wave):
+    """Whether the wavelet adversarial term (``train.wave_opt`` with ``network_d_wave``) is on; the two must come
+    together (one UserError naming the missing one). A ``loss_weight`` of 0 turns both off."""
+    wave_opt = train_opt.get('wave_opt')
+    if wave_opt and not has_d_wave:
+        raise UserError('train.wave_opt is set but network_d_wave is missing: add a PatchDiscriminator '
+                        'with in_ch: 9 as network_d_wave, or remove train.wave_opt')
+    if has_d_wave and not wave_opt:
+        raise UserError('network_d_wave is set but train.wave_opt is missing: add '
+                        '{type: WaveletGANLoss, loss_weight: 0.2} or remove network_d_wave')
+    if not wave_opt:
+        return False
+    if float(wave_opt.get('loss_weight', 1.0)) == 0:
+        get_root_logger().info('train.wave_opt.loss_weight is 0: wavelet adversarial loss and D_W are off.')
+        return False
+    return True
+
+
+def sharp_d_view(scale):
+    """What D_S and D_W see of a sharp image, real s or DN's output (``train.sharp_d_scale``): the image averaged
+    over ``scale`` x ``scale`` blocks (1: as it is). With 2, the discriminators cannot ask for detail at the 1-2
+    pixel scale, which blur hides and noise buries; DN's output there is shaped by the cycle losses alone
+    (bench/README.md, round 5: on the demo, that part of DN's change was what lowered PSNR and SSIM)."""
+    if scale == 1:
+        return lambda images: images
+    return lambda images: F.avg_pool2d(images, scale)

@@ -21,7 +21,8 @@ One iteration (batch: ``lq`` = blurry b, ``ref`` = an unpaired sharp s):
     (+ l_d_r1 with ``train.r1_weight``).
 
 Training options beyond the paper's losses (``cycle_sharp_opt``, ``gan_sharp_opt``, ``sharp_cycle_trains_rb``,
-``sharp_cycle_noise``, ``sharp_cycle_noise_ramp``, ``sharp_cycle_noise_start``, ``identity_opt``, ``r1_weight``, ``d_update_every``; see ``options/README.md``) are all
+``sharp_cycle_noise``, ``sharp_cycle_noise_ramp``, ``sharp_cycle_noise_start``, ``identity_opt``, ``r1_weight``,
+``d_update_every``, ``sharp_d_scale``; see ``options/README.md``) are all
 off by default, so the paper options train the paper's objective; the demo recipe and ``bench/quality.py``
 use them.
 
@@ -40,7 +41,8 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from tpdiff_plugin.models.cycle_settings import int_option, noise_range, noisy_8bit, r1_weights
+from tpdiff_plugin.models.cycle_settings import (int_option, noise_range, noisy_8bit, r1_weights, sharp_d_view,
+                                                  wave_enabled)
 from tpdiff_plugin.models.history_pool import ImageHistoryPool
 from tpdiff_plugin.models.labelled_networks import LabelledNetworks
 from tpdiff_plugin.models.numerical_guard import NumericalGuard
@@ -65,10 +67,9 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
     TRAIN_KEYS = frozenset({'optim_g', 'optim_d', 'scheduler', 'pool_size', 'gan_opt', 'cycle_opt', 'wave_opt',
                             'ema_decay', 'max_bad_iters', 'cycle_sharp_opt', 'gan_sharp_opt', 'identity_opt',
                             'sharp_cycle_trains_rb', 'sharp_cycle_noise', 'sharp_cycle_noise_ramp',
-                            'sharp_cycle_noise_start', 'r1_weight',
-                            'd_update_every'})
+                            'sharp_cycle_noise_start', 'r1_weight', 'd_update_every', 'sharp_d_scale'})
     TRAIN_INTS = {'pool_size': 0, 'max_bad_iters': 1, 'd_update_every': 1, 'sharp_cycle_noise_ramp': 0,
-                  'sharp_cycle_noise_start': 0}  # -> minimum
+                  'sharp_cycle_noise_start': 0, 'sharp_d_scale': 1}  # -> minimum
     VAL_KEYS = frozenset()
     PATH_KEYS = frozenset()
 
@@ -76,27 +77,12 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         BaseModel.__init__(self, copy.deepcopy(opt))
         self.init_networks()
         train_opt = self.opt.get('train') or {}
-        self.use_wave = self.is_train and self._wave_enabled(train_opt)
+        self.use_wave = self.is_train and wave_enabled(train_opt, 'network_d_wave' in self.opt)
         self.define_networks()
         if self.is_train:
             self.init_training_settings()
 
     # ------------------------------------------------------------------ networks
-    def _wave_enabled(self, train_opt):
-        wave_opt, has_d = train_opt.get('wave_opt'), 'network_d_wave' in self.opt
-        if wave_opt and not has_d:
-            raise UserError('train.wave_opt is set but network_d_wave is missing: add a PatchDiscriminator '
-                            'with in_ch: 9 as network_d_wave, or remove train.wave_opt')
-        if has_d and not wave_opt:
-            raise UserError('network_d_wave is set but train.wave_opt is missing: add '
-                            '{type: WaveletGANLoss, loss_weight: 0.2} or remove network_d_wave')
-        if not wave_opt:
-            return False
-        if float(wave_opt.get('loss_weight', 1.0)) == 0:
-            get_root_logger().info('train.wave_opt.loss_weight is 0: wavelet adversarial loss and D_W are off.')
-            return False
-        return True
-
     def define_networks(self):
         """Build (and load) DN for inference; RN and the discriminators too when training."""
         self.add_network('g')
@@ -154,6 +140,7 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         self.current_iter = 0  # set by optimize_parameters; the noise ramp reads it
         self.r1_weights = r1_weights(train_opt.get('r1_weight', 0), self.D_LABELS, self.discriminator_labels)
         self.d_update_every = int_option(train_opt, 'd_update_every', 1)
+        self.sharp_view = sharp_d_view(int_option(train_opt, 'sharp_d_scale', 1))  # what D_S and D_W see of sharp images
         self.train_stats = OrderedDict()  # logged with the losses (not summed into them), e.g. TPE memory usage
 
         self.init_numerical_guard(train_opt)
@@ -256,14 +243,15 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
 
         losses = OrderedDict()
         # discriminators are frozen here; their bare modules keep DDP's reducer out of the G step
-        losses['l_g_gan_sharp'] = self.gan_sharp_loss(self.bare('d_sharp')(fake_s), True, is_disc=False)
+        fake_s_view = self.sharp_view(fake_s)
+        losses['l_g_gan_sharp'] = self.gan_sharp_loss(self.bare('d_sharp')(fake_s_view), True, is_disc=False)
         losses['l_g_gan_blur'] = self.cri_gan(self.bare('d_blur')(fake_b), True, is_disc=False)
         losses['l_cyc_blur'] = self.cri_cycle(rec_b, b)
         losses['l_cyc_sharp'] = self.cycle_sharp_loss(rec_s, s)
         if self.cri_identity is not None:
             losses['l_idt'] = self.cri_identity(out[2 * n:], s)
         if self.use_wave:
-            losses['l_g_wave'] = self.cri_wave(self.bare('d_wave')(self.cri_wave.highpass(fake_s)), True,
+            losses['l_g_wave'] = self.cri_wave(self.bare('d_wave')(self.cri_wave.highpass(fake_s_view)), True,
                                                is_disc=False)
         losses.update(extra)
         l_total = sum(losses.values())
@@ -277,14 +265,15 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
     def discriminator_losses(self):
         """Returns ``(l_d_total, OrderedDict)``; uses the fakes of the last ``generator_losses`` call."""
         losses = OrderedDict()
-        fake_s = self.pools['sharp'].query(self.fake_s)
+        fake_s = self.sharp_view(self.pools['sharp'].query(self.fake_s))
         fake_b = self.pools['blur'].query(self.fake_b)
-        losses['l_d_sharp_real'], losses['l_d_sharp_fake'] = self._d_pair('d_sharp', self.ref, fake_s,
+        real_s = self.sharp_view(self.ref)
+        losses['l_d_sharp_real'], losses['l_d_sharp_fake'] = self._d_pair('d_sharp', real_s, fake_s,
                                                                           self.gan_sharp_loss)
         losses['l_d_blur_real'], losses['l_d_blur_fake'] = self._d_pair('d_blur', self.lq, fake_b, self.cri_gan)
         if self.use_wave:
             hp = self.cri_wave.highpass
-            pred_real, pred_fake = self.net_d_wave(torch.cat([hp(self.ref), hp(fake_s)])).chunk(2)
+            pred_real, pred_fake = self.net_d_wave(torch.cat([hp(real_s), hp(fake_s)])).chunk(2)
             losses['l_d_wave_real'] = self.cri_wave(pred_real, True, is_disc=True)
             losses['l_d_wave_fake'] = self.cri_wave(pred_fake, False, is_disc=True)
         l_total = 0.5 * sum(losses.values())
@@ -297,9 +286,9 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
     def r1_penalty(self):
         """R1 (Mescheder et al. 2018): ``gamma / 2 * E[|grad_x D(x)|^2]`` on the real images of each D with a
         weight, summed over them. Differentiable in D's parameters (double backward)."""
-        reals = {'d_sharp': self.ref, 'd_blur': self.lq}
+        reals = {'d_sharp': self.sharp_view(self.ref), 'd_blur': self.lq}
         if self.use_wave:
-            reals['d_wave'] = self.cri_wave.highpass(self.ref)
+            reals['d_wave'] = self.cri_wave.highpass(reals['d_sharp'])
         total = 0
         for label, gamma in self.r1_weights.items():
             real = reals[label].detach().requires_grad_(True)
