@@ -569,3 +569,40 @@ def test_sharp_d_scale_pools_the_discriminators_real_inputs_and_r1():
     assert model.r1_penalty().item() == pytest.approx(1.0 * g.square().sum(dim=(1, 2, 3)).mean().item(), rel=1e-5)
     with pytest.raises(UserError, match='train.sharp_d_scale'):
         build(make_opt(sharp_d_scale=0))
+
+
+def test_fine_change_loss_weighs_only_dn_changes_at_the_finest_scale():
+    """l_fine = L1 between the detail finer than sigma of DN(b) and of b: a 2-px checkerboard on DN's output
+    raises it, a uniform brightness shift does not; its gradient reaches DN and not RN."""
+    from torchvision.transforms.functional import gaussian_blur
+    model = build(make_opt(fine_change_opt={'type': 'L1Loss', 'loss_weight': 2.0}, fine_change_sigma=1.0))
+    for label in ('d_sharp', 'd_blur', 'd_wave'):
+        model.bare(label).eval()
+    data = batch(32, size=64)
+    model.feed_data(data)
+    captured = {}
+    deblur = model.deblur_train
+
+    def recording(blur, sharp, change=lambda x: x):
+        out, extra = deblur(blur, sharp)
+        out = change(out)
+        captured['fake_s'] = out[:blur.shape[0] // 2]
+        return out, extra
+    model.deblur_train = recording
+    plain = model.generator_losses()[1]
+
+    def detail(x):
+        return x - gaussian_blur(x, [7, 7], [1.0, 1.0])
+    expected = 2.0 * (detail(captured['fake_s']) - detail(data['lq'])).abs().mean()
+    assert plain['l_fine'].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert plain['l_g_total'].item() == pytest.approx(sum(v.item() for k, v in plain.items() if k != 'l_g_total'),
+                                                      rel=1e-5)
+    assert _grad_norm(plain['l_fine'], model.bare('g').parameters()) > 0
+    assert _grad_norm(plain['l_fine'], model.bare('rb').parameters()) == 0
+    model.deblur_train = lambda blur, sharp: recording(blur, sharp, lambda x: x + 0.05)
+    assert model.generator_losses()[1]['l_fine'].item() == pytest.approx(plain['l_fine'].item(), rel=1e-4)
+    model.deblur_train = lambda blur, sharp: recording(blur, sharp, lambda x: _with_checkerboard(x, 0.05))
+    assert model.generator_losses()[1]['l_fine'].item() > plain['l_fine'].item() + 0.05
+    for bad in (0, -1, 'wide'):
+        with pytest.raises(UserError, match='train.fine_change_sigma'):
+            build(make_opt(fine_change_opt={'type': 'L1Loss'}, fine_change_sigma=bad))

@@ -4,9 +4,12 @@ and the degradation applied to the synthetic blurry images of the sharp cycle.
 Each option is documented in ``options/README.md``; here each is checked once, with a one-line UserError
 naming it.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from basicsr.utils import get_root_logger
+from torchvision.transforms.functional import gaussian_blur
 
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.option_files import check_int, is_number
@@ -84,3 +87,16 @@ def sharp_d_view(scale):
     if scale == 1:
         return lambda images: images
     return lambda images: F.avg_pool2d(images, scale)
+
+
+def positive_number(value, name):
+    if not is_number(value) or value <= 0:
+        raise UserError(f'{name}: must be a number > 0, got {value!r}')
+    return float(value)
+
+
+def fine_detail(images, sigma):
+    """``images [B, C, H, W]`` minus their Gaussian blur of ``sigma`` px: the detail finer than about 2 sigma
+    (``train.fine_change_opt`` compares DN's output and its input there)."""
+    size = 2 * math.ceil(3 * sigma) + 1
+    return images - gaussian_blur(images, [size, size], [sigma, sigma])

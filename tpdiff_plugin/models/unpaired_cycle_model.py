@@ -22,7 +22,7 @@ One iteration (batch: ``lq`` = blurry b, ``ref`` = an unpaired sharp s):
 
 Training options beyond the paper's losses (``cycle_sharp_opt``, ``gan_sharp_opt``, ``sharp_cycle_trains_rb``,
 ``sharp_cycle_noise``, ``sharp_cycle_noise_ramp``, ``sharp_cycle_noise_start``, ``identity_opt``, ``r1_weight``,
-``d_update_every``, ``sharp_d_scale``; see ``options/README.md``) are all
+``d_update_every``, ``sharp_d_scale``, ``fine_change_opt``; see ``options/README.md``) are all
 off by default, so the paper options train the paper's objective; the demo recipe and ``bench/quality.py``
 use them.
 
@@ -41,8 +41,8 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from tpdiff_plugin.models.cycle_settings import (int_option, noise_range, noisy_8bit, r1_weights, sharp_d_view,
-                                                  wave_enabled)
+from tpdiff_plugin.models.cycle_settings import (fine_detail, int_option, noise_range, noisy_8bit, positive_number,
+                                                  r1_weights, sharp_d_view, wave_enabled)
 from tpdiff_plugin.models.history_pool import ImageHistoryPool
 from tpdiff_plugin.models.labelled_networks import LabelledNetworks
 from tpdiff_plugin.models.numerical_guard import NumericalGuard
@@ -67,7 +67,8 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
     TRAIN_KEYS = frozenset({'optim_g', 'optim_d', 'scheduler', 'pool_size', 'gan_opt', 'cycle_opt', 'wave_opt',
                             'ema_decay', 'max_bad_iters', 'cycle_sharp_opt', 'gan_sharp_opt', 'identity_opt',
                             'sharp_cycle_trains_rb', 'sharp_cycle_noise', 'sharp_cycle_noise_ramp',
-                            'sharp_cycle_noise_start', 'r1_weight', 'd_update_every', 'sharp_d_scale'})
+                            'sharp_cycle_noise_start', 'r1_weight', 'd_update_every', 'sharp_d_scale',
+                            'fine_change_opt', 'fine_change_sigma'})
     TRAIN_INTS = {'pool_size': 0, 'max_bad_iters': 1, 'd_update_every': 1, 'sharp_cycle_noise_ramp': 0,
                   'sharp_cycle_noise_start': 0, 'sharp_d_scale': 1}  # -> minimum
     VAL_KEYS = frozenset()
@@ -140,6 +141,9 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         self.current_iter = 0  # set by optimize_parameters; the noise ramp reads it
         self.r1_weights = r1_weights(train_opt.get('r1_weight', 0), self.D_LABELS, self.discriminator_labels)
         self.d_update_every = int_option(train_opt, 'd_update_every', 1)
+        self.cri_fine = build_loss(train_opt['fine_change_opt']).to(self.device) if train_opt.get('fine_change_opt') \
+            else None
+        self.fine_sigma = positive_number(train_opt.get('fine_change_sigma', 1.5), 'train.fine_change_sigma')
         self.sharp_view = sharp_d_view(int_option(train_opt, 'sharp_d_scale', 1))  # what D_S and D_W see of sharp images
         self.train_stats = OrderedDict()  # logged with the losses (not summed into them), e.g. TPE memory usage
 
@@ -250,6 +254,8 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         losses['l_cyc_sharp'] = self.cycle_sharp_loss(rec_s, s)
         if self.cri_identity is not None:
             losses['l_idt'] = self.cri_identity(out[2 * n:], s)
+        if self.cri_fine is not None:  # DN's change to b at the finest scale (bench/README.md, round 5)
+            losses['l_fine'] = self.cri_fine(fine_detail(fake_s, self.fine_sigma), fine_detail(b, self.fine_sigma))
         if self.use_wave:
             losses['l_g_wave'] = self.cri_wave(self.bare('d_wave')(self.cri_wave.highpass(fake_s_view)), True,
                                                is_disc=False)
