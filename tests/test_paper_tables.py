@@ -4,7 +4,7 @@ that exist, build and train.
 Each training file named there is shrunk (tiny widths, 32 px patches, batch 2, tiny LMDBs with
 ``<scene>-<frame>`` keys) but keeps every switch it sets (``use_dm``, ``filter_type``, ``dm_timesteps``,
 ``sharp_sampling``, the losses, ...). It is parsed as ``basicsr train`` parses it, built, fed one batch from
-its own dataset options through a DataLoader and trained one iteration. Stage-1 runs save their networks and
+its own dataset options through a DataLoader and trained three iterations. Stage-1 runs save their networks and
 state where the stage-2 files look for them (``experiments/<name>/...``), so each stage-2 file starts from its
 stage-1 run as in a real run. Test files build their model from the tiny stage-2 checkpoint and deblur one
 image. A file with a self-enhancement teacher (``train.self_enhance``) gets a tiny teacher of the same type, with
@@ -12,6 +12,7 @@ weights written next to the tiny data.
 """
 import copy
 import importlib.util
+import itertools
 import math
 import os
 import re
@@ -149,17 +150,20 @@ def workspace(tmp_path_factory):
     return root, data, {}
 
 
-def train_one_iteration(name, workspace, monkeypatch):
+def train_a_few_iterations(name, workspace, monkeypatch, iterations=3):
     root, data, _ = workspace
     monkeypatch.chdir(root)  # the files' relative paths (experiments/<stage-1 run>/...) start here
     opt = parsed(tiny(load(name), data), root, monkeypatch)
     loader = DataLoader(build_dataset(opt['datasets']['train']), batch_size=2, shuffle=False, drop_last=True)
     torch.manual_seed(0)
     model = build_model(opt)
-    model.feed_data(next(iter(loader)))
-    model.optimize_parameters(1)
-    losses = model.get_current_log()
-    assert losses and all(math.isfinite(v) for v in losses.values()), (name, losses)
+    dn_before = [p.detach().clone() for p in model.bare('g').parameters()]
+    for it, batch in zip(range(1, iterations + 1), itertools.cycle(loader)):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        losses = model.get_current_log()
+        assert losses and all(math.isfinite(v) for v in losses.values()), (name, it, losses)
+    assert any(not torch.equal(a, b) for a, b in zip(dn_before, model.bare('g').parameters())), name  # DN trained
     model.save(0, -1)  # net_<label>_latest.pth, as the stage-2 and test files expect
     model.save_training_state(0, 1)  # the state a stage-2 file's resume_optim_d reads
     return opt, model
@@ -181,7 +185,7 @@ def test_the_table_has_runs_of_every_kind():
 
 @pytest.mark.parametrize('name', STAGE1)
 def test_stage1_files_build_and_train(name, workspace, monkeypatch):
-    opt, model = train_one_iteration(name, workspace, monkeypatch)
+    opt, model = train_a_few_iterations(name, workspace, monkeypatch)
     assert model.stage == 1
     assert os.path.isfile(os.path.join(opt['path']['models'], 'net_tpe_latest.pth'))
     workspace[2][opt['name']] = True
@@ -193,7 +197,7 @@ def test_stage2_files_load_their_stage1_run_and_train(name, workspace, monkeypat
     if stage1_run not in workspace[2]:  # run alone (-k): train the stage-1 file of that run first
         stage1 = next(f for f in STAGE1 if load(f)['name'] == stage1_run)
         test_stage1_files_build_and_train(stage1, workspace, monkeypatch)
-    opt, model = train_one_iteration(name, workspace, monkeypatch)
+    opt, model = train_a_few_iterations(name, workspace, monkeypatch)
     assert model.stage == 2
     assert ('l_self_enhance' in model.get_current_log()) == ('self_enhance' in opt['train'])  # TP-Diff-se's term
     if 'tpe' in model.net_labels:  # the frozen TPE is the stage-1 run's (w/o TPE has none)
