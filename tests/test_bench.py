@@ -90,3 +90,22 @@ def test_quality_variant_definitions():
     assert opt['datasets']['train']['dataroot_blur'] == '/data/train_blur.lmdb'
     with pytest.raises(SystemExit):
         quality.define_variants(['y=nope,train.r1_weight=1'], quality.VARIANTS)
+
+
+def test_quality_coarse_part_keeps_only_the_coarse_change():
+    """coarse_part: a uniform change passes whole, a 2-px checkerboard change is removed, and the input is its own
+    coarse part."""
+    import numpy as np
+    sys.path.insert(0, str(REPO / 'bench'))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(REPO / 'bench'))
+    rng = np.random.default_rng(0)
+    blur = rng.integers(40, 200, (32, 32, 3)).astype(np.uint8)
+    assert np.array_equal(quality.coarse_part(blur, blur), blur)
+    brighter = blur + np.uint8(10)
+    assert np.array_equal(quality.coarse_part(brighter, blur), brighter)
+    checker = ((np.indices((32, 32)).sum(0) % 2) * 2 - 1)[..., None] * 20
+    patterned = (blur.astype(int) + checker).astype(np.uint8)
+    assert np.abs(quality.coarse_part(patterned, blur).astype(int) - blur).max() <= 3  # 20 grey levels -> at most 3
