@@ -8,9 +8,16 @@ of them is faulted in page by page again: measured, a 256x256 forward spent more
 
 - ``M_MMAP_THRESHOLD`` = 1 GiB: blocks below it come from the heap (a single block of 1 GiB or more, e.g. a
   4K image buffer, is still mapped and given back on free);
-- ``M_TRIM_THRESHOLD`` = ``TRIM_THRESHOLD``: freed memory at the top of the heap is kept, so the next forward
-  reuses it without faults;
+- ``M_TRIM_THRESHOLD`` = ``TRIM_THRESHOLD`` (2047 MiB, about the most a C ``int`` takes): freed memory at the
+  top of the heap is kept, so the next forward reuses it without faults. With 1 GiB (the first value shipped)
+  the heap was trimmed and faulted in again in every 512-px tile of a 3840x2160 paper-size deblur:
+  system time 0.12x user time there, against 0.01x with 2047 MiB (bench/README.md, issue 10);
 - ``M_TOP_PAD`` = 1 GiB: the heap grows in large steps.
+
+The price is memory: blocks freed inside the heap stay resident and leave holes, so a tile's peak RSS is
+0.6-1.5 GiB above glibc's defaults (3.5-4.5 GiB instead of 2.9 GiB for a 512-px paper-size tile); settings
+that map the large blocks again (thresholds of 64-512 MiB) or trim between tiles lower it by 0.1-0.4 GiB
+for 0.07-0.5x the user time in page faults (measured, bench/README.md).
 
 The process keeps its peak heap instead of returning it to the system (see docs/performance.md for what
 each entry point does and why a plain ``import tpdiff_plugin`` does not call this). Nothing is changed:
@@ -28,7 +35,7 @@ import sys
 
 OPT_OUT_ENV = 'TPDIFF_NO_MALLOPT'
 GIB = 1 << 30
-TRIM_THRESHOLD = GIB
+TRIM_THRESHOLD = 2047 << 20  # mallopt's value is a C int: 2 GiB does not fit
 # glibc's <malloc.h> codes; mallopt's value is a C int. name: (code, value, env variable, GLIBC_TUNABLES name)
 SETTINGS = {
     'mmap_threshold': (-3, GIB, 'MALLOC_MMAP_THRESHOLD_', 'glibc.malloc.mmap_threshold'),
