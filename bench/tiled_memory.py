@@ -39,6 +39,7 @@ SETTINGS = {
     'defaults': ({'TPDIFF_NO_MALLOPT': '1'}, CHECKOUT, 'glibc defaults (TPDIFF_NO_MALLOPT=1)'),
     'tune_malloc': ({}, CHECKOUT, 'tune_malloc() and the Deblurrer as in this checkout'),
     '1g': (_env(1024, 1024, 1024), None, 'mmap 1 GiB, trim 1 GiB, top pad 1 GiB (tune_malloc before 2026-11-27 pm)'),
+    'trim2g': (_env(1024, 2047, 1024), None, 'mmap 1 GiB, trim 2047 MiB (the most mallopt takes), top pad 1 GiB'),
     '1g_trim': (_env(1024, 1024, 1024), 0, 'the same + malloc_trim(0) after each tile'),
     '1g_trim1g': (_env(1024, 1024, 1024), 1024 * MIB,
                   'the same + malloc_trim(1 GiB) after each tile (frees the holes, keeps 1 GiB on top)'),
