@@ -83,7 +83,7 @@ def sharp_d_view(scale):
     """What D_S and D_W see of a sharp image, real s or DN's output (``train.sharp_d_scale``): the image averaged
     over ``scale`` x ``scale`` blocks (1: as it is). With 2, the discriminators cannot ask for detail at the 1-2
     pixel scale, which blur hides and noise buries; DN's output there is shaped by the cycle losses alone
-    (bench/README.md, round 5: on the demo, that part of DN's change was what lowered PSNR and SSIM)."""
+    (bench/README.md, round 5: on the demo that made DN's invented fine detail worse, not better)."""
     if scale == 1:
         return lambda images: images
     return lambda images: F.avg_pool2d(images, scale)
