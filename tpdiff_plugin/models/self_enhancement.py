@@ -18,7 +18,6 @@ DN's prior for the pseudo pairs is made as for b (TPDiffModel: the same TPE memo
 ``pseudo_sharp`` DN's input is b itself, so DN(b) of the cycle serves. SEMGUD's progressive part (the improved
 reconstructor becoming the next teacher) is not done here: the teacher stays fixed.
 """
-import difflib
 import os
 
 import torch
@@ -28,7 +27,7 @@ from basicsr.utils.registry import ARCH_REGISTRY, LOSS_REGISTRY
 from tpdiff_plugin.utils.checkpoint import load_network_file
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
-from tpdiff_plugin.utils.option_files import check_int
+from tpdiff_plugin.utils.option_files import check_int, closest_option
 
 OPTION = 'train.self_enhance'
 KEYS = ('teacher', 'teacher_weights', 'param_key', 'pairs', 'loss_opt', 'start_iter')
@@ -43,8 +42,8 @@ def parse_self_enhance(value):
         raise UserError(f'{OPTION}: must be a mapping with teacher and teacher_weights, got {type(value).__name__}')
     unknown = [str(k) for k in value if k not in KEYS]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], KEYS, n=1, cutoff=0.6)
-        hint = f'did you mean "{close[0]}"?' if close else f'known: {", ".join(KEYS)}'
+        close = closest_option(unknown[0], KEYS)
+        hint = f'did you mean "{close}"?' if close else f'known: {", ".join(KEYS)}'
         raise UserError(f'{OPTION}.{unknown[0]}: unknown option; {hint}')
     opt = {'param_key': 'params', 'pairs': 'reblurred', 'loss_opt': dict(DEFAULT_LOSS), 'start_iter': 0, **value}
     for key, registry, what in (('teacher', ARCH_REGISTRY, 'network'), ('loss_opt', LOSS_REGISTRY, 'loss')):

@@ -6,6 +6,7 @@ to it). :func:`find_options_file` lets every place that takes an options path al
 ``tpdiff_stage2``, ``demo/stage1.yml``, or a documented path such as ``options/demo/stage1.yml`` run from a
 folder that has no such file. A file that exists always wins.
 """
+import difflib
 import os
 
 import yaml
@@ -100,6 +101,12 @@ def apply_force_yml(opt, entries, source):
             else:
                 node = node[key]
     return opt
+
+
+def closest_option(key, known):
+    """The known option name most like the unknown ``key`` (a typo such as ``teachr``), or None."""
+    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def is_number(value):
