@@ -44,8 +44,8 @@ from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
 from tpdiff_plugin.utils.option_files import find_options_file, load_options_file
 
-__all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'add_checkpoint_arguments', 'restorer_from_checkpoint', 'check_tiling', 'tile_starts',
-           'axis_windows', 'run_tiled', 'image_to_tensor', 'tensor_to_image']
+__all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'add_checkpoint_arguments', 'restorer_from_checkpoint',
+           'check_tiling', 'tile_starts', 'axis_windows', 'run_tiled', 'image_to_tensor', 'tensor_to_image']
 
 
 # ---------------------------------------------------------------------------------------------- network

@@ -14,16 +14,16 @@ one home of their schema; here only basicsr's own keys are listed. An unknown ke
 the closest known one (a typo such as ``netwrok_g`` or ``trian`` would otherwise be silently ignored by
 basicsr). Options of other model types and of upstream datasets are left to basicsr.
 """
-import difflib
 import os
 
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
 
 import tpdiff_plugin  # noqa: F401  (registers the plugin's models and datasets, whose schemas are read below)
+from tpdiff_plugin.archs.prior_generators import MEMORY_GENERATORS
 from tpdiff_plugin.data.image_checks import check_lmdb_complete
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.utils.option_files import check_int, is_number
+from tpdiff_plugin.utils.option_files import check_int, closest_option, is_number
 
 REQUIRED_KEYS = ('name', 'model_type')
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot_blur', 'dataroot_sharp', 'meta_info_file')
@@ -94,8 +94,8 @@ def validate_paths(opt, source):
 
 def _unknown(key, known, where, source):
     key = str(key)  # YAML reads `1:`, `~:` or `yes:` as a number, None or a bool
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    hint = f'; did you mean "{close[0]}"?' if close else f' (known: {", ".join(sorted(known))})'
+    close = closest_option(key, known)
+    hint = f'; did you mean "{close}"?' if close else f' (known: {", ".join(sorted(known))})'
     raise UserError(f'{source}: unknown option "{where}{key}"{hint}')
 
 
@@ -164,9 +164,14 @@ def _check_datasets(opt, source):
         for key, minimum in dataset.INT_OPTIONS.items():
             if dopt.get(key) is not None:
                 check_int(dopt[key], f'datasets.{phase}.{key}', minimum, source)
-        for key, choices in getattr(dataset, 'CHOICE_OPTIONS', {}).items():
-            if dopt.get(key) is not None and dopt[key] not in choices:
-                raise UserError(f'{source}: datasets.{phase}.{key}: {dopt[key]!r} is not one of {", ".join(choices)}')
+        _check_choices(dopt, getattr(dataset, 'CHOICE_OPTIONS', {}), f'datasets.{phase}.', source)
+
+
+def _check_choices(block, choice_options, where, source):
+    """``block``'s options with a fixed set of values (a class's ``CHOICE_OPTIONS``: key -> allowed values)."""
+    for key, choices in choice_options.items():
+        if block.get(key) is not None and block[key] not in choices:
+            raise UserError(f'{source}: {where}{key}: {block[key]!r} is not one of {", ".join(choices)}')
 
 
 def _check_prior_shapes(opt, source):
@@ -181,7 +186,7 @@ def _check_prior_shapes(opt, source):
         block = opt.get(f'network_{label}')
         if isinstance(block, dict) and block.get('prior_scale') is not None:
             check_int(block['prior_scale'], f'network_{label}.prior_scale', 1, source)
-    if isinstance(g, dict) and isinstance(tpe, dict) and g.get('prior_generator') in ('memory_bank', 'sparse_coding'):
+    if isinstance(g, dict) and isinstance(tpe, dict) and g.get('prior_generator') in MEMORY_GENERATORS:
         slots_g, slots_tpe = g.get('mem_slots', 256), tpe.get('mem_slots', 256)
         if slots_g != slots_tpe:
             raise UserError(f'{source}: network_g.mem_slots ({slots_g}) and network_tpe.mem_slots ({slots_tpe}) '
@@ -194,9 +199,8 @@ def _check_network_choices(opt, source):
         if not (isinstance(key, str) and key.startswith('network_') and isinstance(block, dict)):
             continue
         arch = _declared(ARCH_REGISTRY, block.get('type'), 'CHOICE_OPTIONS')
-        for option, choices in (arch.CHOICE_OPTIONS.items() if arch is not None else ()):
-            if block.get(option) is not None and block[option] not in choices:
-                raise UserError(f'{source}: {key}.{option}: {block[option]!r} is not one of {", ".join(choices)}')
+        if arch is not None:
+            _check_choices(block, arch.CHOICE_OPTIONS, f'{key}.', source)
 
 
 def validate_schema(opt, source):
