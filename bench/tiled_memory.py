@@ -12,8 +12,7 @@ deblur's wall, user and system seconds (``getrusage`` around the call), its RSS 
 network, the image), the process's peak RSS (``VmHWM``) at the end and after the first tile, and a hash of the
 output, which must be the same under every setting. A setting is environment variables for the child (glibc
 reads ``MALLOC_*_`` at start-up; ``tune_malloc`` leaves a parameter the user set alone) and what happens after
-each tile: what this checkout's Deblurrer does, nothing, or ``malloc_trim(pad)`` (through the ``progress``
-callback). Rounds interleave the settings. Results and the settings' story: bench/README.md (issue 10).
+each tile: nothing (as the Deblurrer does) or ``malloc_trim(pad)`` (through the ``progress`` callback). Rounds interleave the settings. Results and the settings' story: bench/README.md (issue 10).
 """
 import argparse
 import json
@@ -32,12 +31,11 @@ def _env(mmap, trim, pad, **extra):
             'MALLOC_TOP_PAD_': str(pad * MIB), **extra}
 
 
-# name: (environment for the child, malloc_trim after each tile, description). The trim: CHECKOUT (what this
-# checkout's Deblurrer does), None (none: the Deblurrer's own is switched off) or the pad in bytes.
-CHECKOUT = 'checkout'
+# name: (environment for the child, malloc_trim after each tile, description). The trim: None (none, as the
+# Deblurrer does) or the pad in bytes.
 SETTINGS = {
-    'defaults': ({'TPDIFF_NO_MALLOPT': '1'}, CHECKOUT, 'glibc defaults (TPDIFF_NO_MALLOPT=1)'),
-    'tune_malloc': ({}, CHECKOUT, 'tune_malloc() and the Deblurrer as in this checkout'),
+    'defaults': ({'TPDIFF_NO_MALLOPT': '1'}, None, 'glibc defaults (TPDIFF_NO_MALLOPT=1)'),
+    'tune_malloc': ({}, None, 'tune_malloc() and the Deblurrer as in this checkout'),
     '1g': (_env(1024, 1024, 1024), None, 'mmap 1 GiB, trim 1 GiB, top pad 1 GiB (tune_malloc before 2026-11-27 pm)'),
     'trim2g': (_env(1024, 2047, 1024), None, 'mmap 1 GiB, trim 2047 MiB (the most mallopt takes), top pad 1 GiB'),
     '1g_trim': (_env(1024, 1024, 1024), 0, 'the same + malloc_trim(0) after each tile'),
@@ -62,19 +60,15 @@ import numpy as np
 import torch
 torch.set_num_threads(int(sys.argv[1]))
 sys.path.insert(0, sys.argv[6])
-import tpdiff_plugin.inference
 from tpdiff_plugin.inference import Deblurrer, build_restorer
 from tpdiff_plugin.utils.allocator import tune_malloc
+from tpdiff_plugin.utils.measure import _proc_status_kib
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
-net_name, (h, w), tile, trim = sys.argv[2], map(int, sys.argv[3].split('x')), int(sys.argv[4]), sys.argv[5]
-if trim != 'checkout':  # this setting's own trim (or none) instead of the Deblurrer's
-    tpdiff_plugin.inference.release_free_memory = lambda *args: False
-trim = int(trim) if trim not in ('checkout', 'none') else -1
+net_name, (h, w), tile = sys.argv[2], map(int, sys.argv[3].split('x')), int(sys.argv[4])
+trim = int(sys.argv[5]) if sys.argv[5] != 'none' else -1
 
 def rss(field):
-    for line in open('/proc/self/status'):
-        if line.startswith(field + ':'):
-            return int(line.split()[1]) / 1024
+    return _proc_status_kib(field) / 1024
 
 torch.manual_seed(0)
 net = TPDiffNet() if net_name == 'paper' else build_restorer(os.path.join(sys.argv[6], 'options/demo/stage2.yml'))
