@@ -74,11 +74,8 @@ torch.set_flush_denormal(True)
 import tpdiff_plugin
 from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
 from tpdiff_plugin.utils.allocator import tune_malloc
+from tpdiff_plugin.utils.measure import _proc_status_kib as kib
 tune_malloc()
-def kib(field):
-    for line in open('/proc/self/status'):
-        if line.startswith(field + ':'):
-            return int(line.split()[1])
 net = TPDiffNet().eval()
 x = torch.rand(1, 3, {tile}, {tile})
 if {bool(channels_last)}:
