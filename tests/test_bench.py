@@ -71,11 +71,7 @@ def test_quality_quick_trains_and_scores_the_variants(tmp_path):
 
 
 def test_quality_variant_definitions():
-    sys.path.insert(0, str(REPO / 'bench'))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(REPO / 'bench'))
+    quality = bench_module('quality')
     variants = quality.define_variants(
         ['x=recipe,train.r1_weight=10,train.identity_opt={type: L1Loss, loss_weight: 0.5},train.optim_g.lr=5e-5'],
         quality.VARIANTS)
@@ -96,11 +92,7 @@ def test_quality_coarse_part_keeps_only_the_coarse_change():
     """coarse_part: a uniform change passes whole, a 2-px checkerboard change is removed, and the input is its own
     coarse part."""
     import numpy as np
-    sys.path.insert(0, str(REPO / 'bench'))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(REPO / 'bench'))
+    quality = bench_module('quality')
     rng = np.random.default_rng(0)
     blur = rng.integers(40, 200, (32, 32, 3)).astype(np.uint8)
     assert np.array_equal(quality.coarse_part(blur, blur), blur)
