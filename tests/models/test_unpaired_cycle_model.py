@@ -464,6 +464,13 @@ def test_sharp_cycle_noise_rejects_bad_values(value):
         build(make_opt(sharp_cycle_noise=value))
 
 
+def _discriminators_in_eval_mode(model):
+    """Every D of ``model`` in eval mode: spectral norm's power iteration then stays put, so two computations
+    of the same D terms agree."""
+    for label in model.discriminator_labels:
+        model.bare(label).eval()
+
+
 def test_r1_penalty_is_the_squared_gradient_of_d_on_real_images():
     model = build(make_opt(r1_weight=10.0))
     data = batch(13)
@@ -473,9 +480,7 @@ def test_r1_penalty_is_the_squared_gradient_of_d_on_real_images():
     assert log['l_d_r1'] > 0
     assert log['l_d_total'] == pytest.approx(0.5 * sum(log[k] for k in D_TERMS) + log['l_d_r1'], rel=1e-5)
     # a reference: gamma/2 * sum over the Ds of the mean over images of |dD(x)/dx|^2 on their real inputs
-    # (eval mode: spectral norm's power iteration does not move between the two computations)
-    for label in ('d_sharp', 'd_blur', 'd_wave'):
-        model.bare(label).eval()
+    _discriminators_in_eval_mode(model)
     expected = 0
     reals = (('d_sharp', data['ref']), ('d_blur', data['lq']), ('d_wave', model.cri_wave.highpass(data['ref'])))
     for label, x in reals:
@@ -538,8 +543,7 @@ def test_sharp_d_scale_hides_the_finest_detail_from_d_sharp_and_d_wave(scale, bl
     """With sharp_d_scale 2, D_S and D_W judge DN's output averaged over 2x2 blocks, so a 2-px checkerboard on it
     changes neither adversarial term; with the default 1 both see it."""
     model = build(make_opt(sharp_d_scale=scale))
-    for label in ('d_sharp', 'd_blur', 'd_wave'):
-        model.bare(label).eval()  # spectral norm's power iteration stays put between the two passes
+    _discriminators_in_eval_mode(model)
     model.feed_data(batch(30, size=64))  # D_W needs 12 px after the 2x2 average and the wavelet split
     plain = model.generator_losses()[1]
     deblur = model.deblur_train
@@ -553,8 +557,7 @@ def test_sharp_d_scale_hides_the_finest_detail_from_d_sharp_and_d_wave(scale, bl
 def test_sharp_d_scale_pools_the_discriminators_real_inputs_and_r1():
     """D_S's real term, D_W's and their R1 penalties are computed on the 2x2-averaged sharp batch."""
     model = build(make_opt(sharp_d_scale=2, r1_weight={'d_sharp': 2.0}))
-    for label in ('d_sharp', 'd_blur', 'd_wave'):
-        model.bare(label).eval()
+    _discriminators_in_eval_mode(model)
     data = batch(31, size=64)
     model.feed_data(data)
     model.generator_losses()
@@ -576,8 +579,7 @@ def test_fine_change_loss_weighs_only_dn_changes_at_the_finest_scale():
     raises it, a uniform brightness shift does not; its gradient reaches DN and not RN."""
     from torchvision.transforms.functional import gaussian_blur
     model = build(make_opt(fine_change_opt={'type': 'L1Loss', 'loss_weight': 2.0}, fine_change_sigma=1.0))
-    for label in ('d_sharp', 'd_blur', 'd_wave'):
-        model.bare(label).eval()
+    _discriminators_in_eval_mode(model)
     data = batch(32, size=64)
     model.feed_data(data)
     captured = {}
