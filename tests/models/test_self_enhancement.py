@@ -14,6 +14,7 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from tpdiff_plugin.option_check import validate_schema
 from tpdiff_plugin.utils.errors import UserError
+from conftest import tiny_net_opts
 from model_helpers import build
 
 TAPS = (0.75, 0.25)  # b = 0.75 s + 0.25 s shifted one pixel right (circularly): invertible, |H| >= 0.5
@@ -39,9 +40,7 @@ class KnownBlurInverse(nn.Module):
 if 'KnownBlurInverse' not in ARCH_REGISTRY:
     ARCH_REGISTRY.register(KnownBlurInverse)
 
-TINY_G = {'type': 'TPDiffNet', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
-          'heads': [1, 1, 1, 1], 'ffn_expansion_factor': 2.0, 'prior_ch': 8, 'prior_scale': 4, 'prior_hidden': 4,
-          'dm_feats': 8, 'dm_blocks': 1, 'dm_cond_blocks': 1, 'dm_timesteps': 3, 'identity_init': False}
+TINY_G = tiny_net_opts(dim=8, prior_hidden=4, dm_timesteps=3, prior_scale=4)  # as test_tpdiff_model's
 
 
 @pytest.fixture(scope='module')

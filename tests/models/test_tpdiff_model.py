@@ -9,12 +9,11 @@ import torch
 from basicsr.utils.misc import check_resume
 from tpdiff_plugin.models.tpdiff_model import TPDiffModel
 from tpdiff_plugin.utils.errors import UserError
+from conftest import tiny_net_opts
 from model_helpers import batch, build
 
-TINY_G = {'type': 'TPDiffNet', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
-          'heads': [1, 1, 1, 1], 'ffn_expansion_factor': 2.0, 'prior_ch': 8, 'prior_scale': 4, 'prior_hidden': 4,
-          'dm_feats': 8, 'dm_blocks': 1, 'dm_cond_blocks': 1, 'dm_timesteps': 3,
-          'identity_init': False}  # off, so that gradients reach every layer from the first step
+# identity_init off (tiny_net_opts), so that gradients reach every layer from the first step
+TINY_G = tiny_net_opts(dim=8, prior_hidden=4, dm_timesteps=3, prior_scale=4)
 TINY_TPE = {'type': 'TexturePriorEncoder', 'prior_ch': 8, 'mem_slots': 16, 'prior_scale': 4, 'enc_ch': 4}
 
 
