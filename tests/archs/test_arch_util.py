@@ -1,9 +1,12 @@
-"""Shared network helpers: padding to a multiple, zero / small init, ICNR, the binomial blur."""
+"""Shared network helpers: padding to a multiple, zero / small init, ICNR, the binomial blur, the Gaussian low-pass."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from tpdiff_plugin.archs.arch_util import BinomialBlur, icnr_, pad_to_multiple, small_init_, zero_init_
+from tpdiff_plugin.archs.arch_util import (BinomialBlur, gaussian_lowpass, icnr_, pad_to_multiple, small_init_,
+                                           zero_init_)
 from tpdiff_plugin.archs.adaptive_filter import DEFORM_IMPLS, check_deform_impl
 
 
@@ -76,3 +79,21 @@ def test_binomial_blur_impulse_response_and_constants():
     assert abs(y[0, 1].sum().item() - 1) < 1e-6
     const = torch.full((1, 3, 5, 6), 0.7)
     torch.testing.assert_close(BinomialBlur()(const), const)
+
+
+@pytest.mark.parametrize('sigma', [0.7, 1.5])
+def test_gaussian_lowpass_impulse_response_is_the_normalised_gaussian(sigma):
+    x = torch.zeros(1, 2, 25, 25)
+    x[:, :, 12, 12] = 1
+    y = gaussian_lowpass(x, sigma)
+    radius = math.ceil(3 * sigma)  # the kernel spans 2·ceil(3 sigma)+1 taps
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    expected = torch.zeros(25, 25)
+    expected[12 - radius:13 + radius, 12 - radius:13 + radius] = g[:, None] * g[None]
+    torch.testing.assert_close(y[0, 1], expected, atol=1e-7, rtol=1e-5)
+    const = torch.full((1, 3, 9, 11), 0.3)
+    torch.testing.assert_close(gaussian_lowpass(const, sigma), const)
+    stripes = torch.tensor([1., -1.]).repeat(8)[None, None, None].expand(1, 1, 16, 16)  # 2 px period: filtered out
+    assert gaussian_lowpass(stripes, sigma)[..., 4:-4, 4:-4].abs().max() < (0.3 if sigma < 1 else 1e-3)

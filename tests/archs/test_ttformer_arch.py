@@ -6,6 +6,7 @@ import torch
 
 from conftest import tiny_net
 from tpdiff_plugin.archs.adaptive_filter import FILTER_TYPES, PriorDeformFilter
+from tpdiff_plugin.archs.arch_util import gaussian_lowpass
 from tpdiff_plugin.archs.tpe_arch import TexturePriorEncoder
 from tpdiff_plugin.archs.ttformer_arch import LayerNorm2d, TPDiffNet, TTformerBlock, rescale_prior, resize_prior
 
@@ -335,3 +336,37 @@ def test_prior_scale_1_end_to_end_with_the_tpe_and_the_dm():
     with torch.no_grad():
         assert net(lq, prior=z).shape == lq.shape  # stage 1's path
         assert net(lq).shape == lq.shape  # inference: the DM samples a full-resolution prior
+
+
+def test_residual_lowpass_blurs_only_the_change():
+    """residual_lowpass sigma: out = lq + gaussian_lowpass(r, sigma), with the same weights (no new parameter)."""
+    plain = _net()
+    smooth = _net(residual_lowpass=1.5)
+    assert plain.state_dict().keys() == smooth.state_dict().keys()
+    smooth.load_state_dict(plain.state_dict())
+    lq = torch.rand(2, 3, 32, 40)  # a multiple of the pad, so the crop does not interfere
+    prior = torch.randn(*plain.prior_shape(lq))
+    change = plain(lq, prior=prior) - lq
+    out = smooth(lq, prior=prior)
+    torch.testing.assert_close(out - lq, gaussian_lowpass(change, 1.5), atol=1e-6, rtol=1e-5)
+    assert (out - lq).abs().max() > 1e-3  # it does change the image
+    # band-limited: its finest-scale (2 px period) energy is a small fraction of the plain net's
+    fine = lambda d: (d[..., 1:, :] - d[..., :-1, :]).abs().mean()  # noqa: E731
+    assert fine(out - lq) < 0.2 * fine(change)
+    # an odd size (padded, then cropped) works too, and an untrained identity_init net stays exactly the identity
+    odd = torch.rand(1, 3, 37, 30)
+    assert smooth(odd).shape == odd.shape
+    assert torch.equal(_net(identity_init=True, residual_lowpass=1.5)(odd), odd)
+
+
+def test_residual_lowpass_gradients_reach_the_unet():
+    net = _net(residual_lowpass=1.0)
+    lq = torch.rand(1, 3, 32, 32)
+    (net(lq, prior=torch.randn(*net.prior_shape(lq))) - torch.rand_like(lq)).abs().mean().backward()
+    _assert_all_grads(net, skip=('dm.',))
+
+
+@pytest.mark.parametrize('bad', [-1, 'wide', True, None])
+def test_residual_lowpass_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match='residual_lowpass'):
+        _net(residual_lowpass=bad)

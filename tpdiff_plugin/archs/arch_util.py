@@ -68,6 +68,16 @@ def icnr_(weight, scale=2):
     return weight
 
 
+def gaussian_lowpass(x, sigma):
+    """``x [B, C, H, W]`` blurred per channel by a Gaussian of ``sigma`` px (kernel 2·ceil(3 sigma)+1, reflect-padded).
+
+    torchvision's ``gaussian_blur`` does the filtering; this only fixes the kernel size from ``sigma``. Used for
+    TPDiffNet's ``residual_lowpass`` and for ``train.fine_change_opt``'s detail (``x - gaussian_lowpass(x)``).
+    """
+    size = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_blur(x, kernel_size=[size, size], sigma=[float(sigma), float(sigma)])
+
+
 class BinomialBlur(nn.Module):
     """The [1, 2, 1]/4 low-pass in both directions, per channel, reflect-padded: ``[B, C, H, W]`` kept.
 

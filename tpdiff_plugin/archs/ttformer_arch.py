@@ -34,7 +34,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tpdiff_plugin.archs.arch_util import icnr_, pad_to_multiple, zero_init_
+from tpdiff_plugin.archs.arch_util import gaussian_lowpass, icnr_, pad_to_multiple, zero_init_
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
 from tpdiff_plugin.archs.adaptive_filter import DeformFilterBase, check_deform_impl, check_filter_type
 from tpdiff_plugin.archs.fm_msa import FMMSA
@@ -184,7 +184,11 @@ class TPDiffNet(nn.Module):
     comparison generators 'memory_bank', 'sparse_coding', 'vq' (``self.prior_gen``, ``prior_generators.py``,
     with dm_feats features and dm_cond_blocks + dm_blocks encoder blocks; the DM is then not built)),
     mem_slots (their number of memory atoms / codebook entries; the memory-based two copy the TPE memory, so
-    it must equal network_tpe.mem_slots).
+    it must equal network_tpe.mem_slots), residual_lowpass (not in the paper; 0, the default, is off: a sigma in
+    px by which the residual r is Gaussian-blurred before ``lq + r``, in training and inference alike, so the
+    net's change to its input is band-limited to scales above about 2 sigma. A demo-recipe option: on the CPU
+    budget DN's change below ~3 px was measured to lower PSNR and SSIM while its coarse part raised both; see
+    bench/README.md, rounds 5 and 6).
     """
 
     #: option names of earlier releases -> today's (``utils/networks.py`` names the new one in its error)
@@ -198,7 +202,7 @@ class TPDiffNet(nn.Module):
                  dm_timesteps=8, deform_impl='auto', offset_groups=1, prior_hidden=16, dm_cond_blocks=2,
                  dm_beta_start=0.1, dm_beta_end=0.99, grad_checkpoint=False, identity_init=True,
                  icnr_init=True, filter_type='modulated_deform', tm_ffn_modulation='after_gate', prior_generator='dm',
-                 mem_slots=256):
+                 mem_slots=256, residual_lowpass=0):
         super().__init__()
         check_deform_impl(deform_impl)
         check_filter_type(filter_type)
@@ -210,6 +214,10 @@ class TPDiffNet(nn.Module):
             raise ValueError(f'dim must be even (pixel-unshuffle halves it before doubling), got {dim}')
         if out_ch != in_ch:
             raise ValueError(f'out_ch ({out_ch}) must equal in_ch ({in_ch}): the output is lq + residual')
+        if not isinstance(residual_lowpass, (int, float)) or isinstance(residual_lowpass, bool) \
+                or residual_lowpass < 0:
+            raise ValueError(f'residual_lowpass must be a number >= 0 (a sigma in px; 0 = off), got {residual_lowpass!r}')
+        self.residual_lowpass = float(residual_lowpass)
         if len(num_blocks) != 4 or len(heads) != 4:
             raise ValueError('num_blocks and heads must have 4 entries (one per U-Net level)')
         self.prior_ch = prior_ch
@@ -293,7 +301,8 @@ class TPDiffNet(nn.Module):
         dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1))
         dec2 = self.decoder_level2(dec2, z2)
         dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1), z1)
-        return self.output(self.refinement(dec1, z1))
+        r = self.output(self.refinement(dec1, z1))
+        return gaussian_lowpass(r, self.residual_lowpass) if self.residual_lowpass else r
 
     def forward(self, lq, prior=None, prior_target=None, detach_prior=False, return_prior=False, generator=None,
                 noise=None):

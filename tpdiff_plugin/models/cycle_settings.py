@@ -4,13 +4,11 @@ and the degradation applied to the synthetic blurry images of the sharp cycle.
 Each option is documented in ``options/README.md``; here each is checked once, with a one-line UserError
 naming it.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from basicsr.utils import get_root_logger
-from torchvision.transforms.functional import gaussian_blur
 
+from tpdiff_plugin.archs.arch_util import gaussian_lowpass
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.option_files import check_int, is_number
 
@@ -98,5 +96,4 @@ def positive_number(value, name):
 def fine_detail(images, sigma):
     """``images [B, C, H, W]`` minus their Gaussian blur of ``sigma`` px: the detail finer than about 2 sigma
     (``train.fine_change_opt`` compares DN's output and its input there)."""
-    size = 2 * math.ceil(3 * sigma) + 1
-    return images - gaussian_blur(images, [size, size], [sigma, sigma])
+    return images - gaussian_lowpass(images, sigma)
