@@ -60,6 +60,7 @@ SHIPPED = {
     # the losses and RN of the first recipe (the paper's weights)
     'network_rb.kernel_size': 0, 'train.gan_sharp_opt': None, 'train.cycle_sharp_opt': None,
     'train.wave_opt.loss_weight': 0.2, 'train.sharp_cycle_trains_rb': True, 'train.r1_weight': 0,
+    'network_g.residual_lowpass': 0,  # DN's whole change, as the paper's network (round 6 band-limited it)
 }
 # the structural changes, as they appear in the demo options
 CHANGES = {
