@@ -101,3 +101,39 @@ def test_quality_coarse_part_keeps_only_the_coarse_change():
     checker = ((np.indices((32, 32)).sum(0) % 2) * 2 - 1)[..., None] * 20
     patterned = (blur.astype(int) + checker).astype(np.uint8)
     assert np.abs(quality.coarse_part(patterned, blur).astype(int) - blur).max() <= 3  # 20 grey levels -> at most 3
+
+
+def test_heldout_scores_only_photos_the_training_set_never_saw(tmp_path, capsys):
+    """bench/heldout.py: the pool's pairs from photos outside --trained-on, scored through Deblurrer."""
+    import cv2
+    import numpy as np
+    from conftest import tiny_net, tiny_net_opts
+    from tpdiff_plugin.data.demo_set import build_demo
+    from tpdiff_plugin.utils.checkpoint import save_networks
+    heldout = bench_module('heldout')
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    cv2.imwrite(str(photos / 'mine.png'), cv2.resize(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8), (900, 600),
+                                                     interpolation=cv2.INTER_NEAREST))
+    build_demo(str(tmp_path / 'pool'), seed=0, photos_dir=str(photos))
+    build_demo(str(tmp_path / 'demo'), seed=0)
+    pairs = heldout.heldout_pairs(str(tmp_path / 'pool'), str(tmp_path / 'demo'))
+    assert pairs and {k.split('-', 1)[0] for k, *_ in pairs} == {'mine'}  # the demo's own photos are left out
+    key, lq, blur, sharp = pairs[0]
+    assert lq.shape == (1, 3) + blur.shape[:2] and blur.shape == sharp.shape and not np.array_equal(blur, sharp)
+    assert len(heldout.heldout_pairs(str(tmp_path / 'pool'), str(tmp_path / 'demo'), every=2)) == (len(pairs) + 1) // 2
+    with pytest.raises(SystemExit, match='nothing is held out'):
+        heldout.heldout_pairs(str(tmp_path / 'demo'), str(tmp_path / 'demo'))
+
+    ident, moved = tmp_path / 'ident.pth', tmp_path / 'moved.pth'
+    save_networks([tiny_net(identity_init=True)], ['params'], str(ident), tiny_net_opts(identity_init=True))
+    save_networks([tiny_net()], ['params'], str(moved), tiny_net_opts())
+    out = tmp_path / 'scores.json'
+    heldout.main([str(ident), str(moved), '--pool', str(tmp_path / 'pool'), '--trained-on', str(tmp_path / 'demo'),
+                  '--json', str(out)])
+    rows = json.loads(out.read_text())['rows']
+    assert [r['name'] for r in rows] == ['input (blurry)', str(ident), str(moved)]
+    assert rows[1]['psnr'] == rows[0]['psnr'] and rows[1]['ssim'] == rows[0]['ssim'] and rows[1]['artifact_db'] == 0
+    assert abs(rows[2]['psnr'] - rows[0]['psnr']) > 1e-3  # a net that changes the images scores differently
+    assert f'{len(pairs)} held-out pairs from 1 photo(s)' in capsys.readouterr().out
