@@ -80,7 +80,7 @@ class TPDiffModel(UnpairedCycleModel):
     TOP_KEYS = frozenset({'stage'})
     TRAIN_KEYS = UnpairedCycleModel.TRAIN_KEYS | {'diff_opt', 'joint_train', 'use_tpe', 'sharp_cycle_prior',
                                                   'dm_target', 'self_enhance'}
-    TRAIN_CHECKS = {'self_enhance': parse_self_enhance}  # nested options, checked early by option_check
+    TRAIN_CHECKS = {**UnpairedCycleModel.TRAIN_CHECKS, 'self_enhance': parse_self_enhance}  # checked early
     VAL_KEYS = frozenset({'sample_seed'})
     PATH_KEYS = frozenset({'resume_optim_d'})
     TB_FIGURES = 2  # validation images whose explain figure goes to tensorboard

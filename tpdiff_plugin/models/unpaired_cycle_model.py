@@ -26,7 +26,8 @@ Training options beyond the paper's losses (``cycle_sharp_opt``, ``gan_sharp_opt
 off by default, so the paper options train the paper's objective; the demo recipe and ``bench/quality.py``
 use them.
 
-Numerical guard: see ``numerical_guard.py`` (``train.max_bad_iters``).
+Numerical guard: see ``numerical_guard.py`` (``train.max_bad_iters``). Mixed precision (``train.amp``, default
+``none``): see ``mixed_precision.py``.
 
 Validation/test: ``net_g(lq)`` (the EMA copy when ``train.ema_decay`` > 0) with basicsr metrics, through
 ``SRModel.nondist_validation``. ``save`` writes every network, the optimizers, schedulers and the pools.
@@ -45,6 +46,7 @@ from tpdiff_plugin.models.cycle_settings import (fine_detail, int_option, noise_
                                                   r1_weights, sharp_d_view, wave_enabled)
 from tpdiff_plugin.models.history_pool import ImageHistoryPool
 from tpdiff_plugin.models.labelled_networks import LabelledNetworks
+from tpdiff_plugin.models.mixed_precision import MixedPrecision, parse_amp
 from tpdiff_plugin.models.numerical_guard import NumericalGuard
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
@@ -52,7 +54,7 @@ from tpdiff_plugin.utils.resume import TrainingStateHook, get_rng_states, set_rn
 
 
 @MODEL_REGISTRY.register()
-class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SRModel):
+class UnpairedCycleModel(LabelledNetworks, NumericalGuard, MixedPrecision, TrainingStateHook, SRModel):
     """Generic unpaired cycle model: DN, RN, D_S, D_B (+ optional D_W). See the module docstring.
 
     SRModel is the base for its validation contract (``nondist_validation``, ``get_current_visuals``,
@@ -68,9 +70,10 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
                             'ema_decay', 'max_bad_iters', 'cycle_sharp_opt', 'gan_sharp_opt', 'identity_opt',
                             'sharp_cycle_trains_rb', 'sharp_cycle_noise', 'sharp_cycle_noise_ramp',
                             'sharp_cycle_noise_start', 'r1_weight', 'd_update_every', 'sharp_d_scale',
-                            'fine_change_opt', 'fine_change_sigma'})
+                            'fine_change_opt', 'fine_change_sigma', 'amp'})
     TRAIN_INTS = {'pool_size': 0, 'max_bad_iters': 1, 'd_update_every': 1, 'sharp_cycle_noise_ramp': 0,
                   'sharp_cycle_noise_start': 0, 'sharp_d_scale': 1}  # -> minimum
+    TRAIN_CHECKS = {'amp': parse_amp}  # key -> its check (raises UserError), run early by option_check
     VAL_KEYS = frozenset()
     PATH_KEYS = frozenset()
 
@@ -148,6 +151,7 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         self.train_stats = OrderedDict()  # logged with the losses (not summed into them), e.g. TPE memory usage
 
         self.init_numerical_guard(train_opt)
+        self.init_mixed_precision(train_opt)
 
         pool_size = train_opt.get('pool_size', 50)
         self.pools = {'sharp': ImageHistoryPool(pool_size), 'blur': ImageHistoryPool(pool_size)}
@@ -243,7 +247,7 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         out, extra = self.deblur_train(torch.cat(chunks), s)  # one DN pass for all chunks
         fake_s, rec_s = out[:n], out[n:2 * n]
         rec_b = self.net_rb(fake_s)
-        self.fake_s, self.fake_b = fake_s.detach(), fake_b.detach()
+        self.fake_s, self.fake_b = fake_s.detach().float(), fake_b.detach().float()  # pools hold fp32 (amp)
 
         losses = OrderedDict()
         # discriminators are frozen here; their bare modules keep DDP's reducer out of the G step
@@ -255,10 +259,10 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         if self.cri_identity is not None:
             losses['l_idt'] = self.cri_identity(out[2 * n:], s)
         if self.cri_fine is not None:  # DN's change to b at the finest scale (bench/README.md, round 5)
-            losses['l_fine'] = self.cri_fine(fine_detail(fake_s, self.fine_sigma), fine_detail(b, self.fine_sigma))
+            fine = self.fp32(fine_detail)  # image minus its blur: fp32 under bf16 amp (mixed_precision.py)
+            losses['l_fine'] = self.cri_fine(fine(fake_s, self.fine_sigma), fine(b, self.fine_sigma))
         if self.use_wave:
-            losses['l_g_wave'] = self.cri_wave(self.bare('d_wave')(self.cri_wave.highpass(fake_s_view)), True,
-                                               is_disc=False)
+            losses['l_g_wave'] = self.cri_wave(self.bare('d_wave')(self.wave_bands(fake_s_view)), True, is_disc=False)
         losses.update(extra)
         l_total = sum(losses.values())
         losses['l_g_total'] = l_total
@@ -278,23 +282,23 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
                                                                           self.gan_sharp_loss)
         losses['l_d_blur_real'], losses['l_d_blur_fake'] = self._d_pair('d_blur', self.lq, fake_b, self.cri_gan)
         if self.use_wave:
-            hp = self.cri_wave.highpass
+            hp = self.wave_bands
             pred_real, pred_fake = self.net_d_wave(torch.cat([hp(real_s), hp(fake_s)])).chunk(2)
             losses['l_d_wave_real'] = self.cri_wave(pred_real, True, is_disc=True)
             losses['l_d_wave_fake'] = self.cri_wave(pred_fake, False, is_disc=True)
         l_total = 0.5 * sum(losses.values())
         if self.r1_weights:
-            losses['l_d_r1'] = self.r1_penalty()
+            losses['l_d_r1'] = self.fp32(self.r1_penalty)()  # fp32 under bf16 amp: see mixed_precision.py
             l_total = l_total + losses['l_d_r1']
         losses['l_d_total'] = l_total
         return l_total, losses
 
     def r1_penalty(self):
         """R1 (Mescheder et al. 2018): ``gamma / 2 * E[|grad_x D(x)|^2]`` on the real images of each D with a
-        weight, summed over them. Differentiable in D's parameters (double backward)."""
+        weight, summed over them. Differentiable in D's parameters (double backward). fp32 under bf16 amp."""
         reals = {'d_sharp': self.sharp_view(self.ref), 'd_blur': self.lq}
         if self.use_wave:
-            reals['d_wave'] = self.cri_wave.highpass(reals['d_sharp'])
+            reals['d_wave'] = self.wave_bands(reals['d_sharp'])
         total = 0
         for label, gamma in self.r1_weights.items():
             real = reals[label].detach().requires_grad_(True)
@@ -302,6 +306,10 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
             grad, = torch.autograd.grad(pred.sum(), real, create_graph=True)
             total = total + 0.5 * gamma * grad.square().sum(dim=(1, 2, 3)).mean()
         return total
+
+    def wave_bands(self, images):
+        """D_W's input: the wavelet detail bands of ``images``, in fp32 under bf16 amp (``mixed_precision.py``)."""
+        return self.fp32(self.cri_wave.highpass)(images)
 
     def _set_d_requires_grad(self, flag):
         for label in self.discriminator_labels:
@@ -313,7 +321,7 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         # generator step
         self._set_d_requires_grad(False)
         self.optimizer_g.zero_grad(set_to_none=True)
-        l_g_total, g_losses = self.generator_losses()
+        l_g_total, g_losses = self.amp_losses(self.generator_losses)  # forward under train.amp, backward fp32
         bad = self.bad_terms(g_losses)
         if bad:  # nothing changes this iteration: no G step, no D step, no pool push
             self.log_dict = self.reduce_loss_dict(g_losses)
@@ -329,7 +337,7 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, TrainingStateHook, SR
         self._set_d_requires_grad(True)
         self.optimizer_d.zero_grad(set_to_none=True)
         pools = {k: list(p.images) for k, p in self.pools.items()}  # restored if the D loss is bad
-        l_d_total, d_losses = self.discriminator_losses()
+        l_d_total, d_losses = self.amp_losses(self.discriminator_losses)
         g_losses.update(d_losses)
         self.log_dict = self._training_log(g_losses)
         bad = self.bad_terms(d_losses)
