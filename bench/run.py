@@ -15,7 +15,8 @@ Rows (medians over interleaved repeats; machines are noisy, so only ratios from 
 - peak memory of one 512x512 tile of the paper-size network (CPU: RSS high-water mark of a fresh process)
   and the estimate for a 3840x2160 photo deblurred with 512 tiles (tile peak + image-sized buffers);
 - one stage-2 training iteration of ``options/demo/stage2.yml`` (TPDiffModel built in-process with basicsr's
-  ``build_model``, tiny synthetic data), split into data, G and D time.
+  ``build_model``, tiny synthetic data), split into data, G and D time; with ``--amp bf16`` the same iteration
+  again under ``train.amp: bf16`` (extra rows: its G and D time and the fp32 / bf16 ratio of G + D).
 
 CUDA runs use bf16 autocast and channels_last; ``--compile`` adds torch.compile (guarded: a network that
 fails to compile runs eager, and the table says so). ``--deblur-4k`` also deblurs a synthetic 3840x2160
@@ -27,6 +28,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 
 # Before torch loads OpenMP: idle OpenMP threads yield instead of spinning. On a shared 2-core machine the
@@ -45,6 +47,8 @@ ROW_NAMES = (
     'torchvision / grid_sample time', 'peak memory, one 512x512 tile', 'est. peak memory, 3840x2160 tiled',
     'stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D',
 )
+# added after the stage-2 rows by --amp bf16
+AMP_ROW_NAMES = ('stage-2 train iter bf16: G', 'stage-2 train iter bf16: D', 'stage-2 train iter G+D fp32 / bf16')
 
 
 def parse_args(argv=None):
@@ -61,6 +65,8 @@ def parse_args(argv=None):
                    help='CPU: every network and input in channels_last (as Deblurrer runs TP-Diff on CPU; always on CUDA)')
     p.add_argument('--no-memory', action='store_true', help='skip the 512x512 tile memory probe')
     p.add_argument('--no-train', action='store_true', help='skip the stage-2 training iteration')
+    p.add_argument('--amp', default='none', choices=('none', 'bf16'),
+                   help='also time the stage-2 training iteration under train.amp: bf16 (extra rows after fp32\'s)')
     p.add_argument('--deblur-4k', action='store_true', help='also deblur a 3840x2160 image, tiled (slow on CPU)')
     p.add_argument('--profile', action='store_true',
                    help='add rows: each component\'s and U-Net level\'s share of TP-Diff\'s forward (bench/components.py)')
@@ -92,6 +98,20 @@ class Table:
             else:
                 text = f'{v:.4f}'
             print(f'{r["row"]:<36} | {text:>10} | {r["unit"]:<8} | {r["note"]}', flush=True)
+
+
+def options_with_amp(path, amp, folder):
+    """A copy of the options file ``path`` in ``folder`` with ``train.amp: <amp>``; returns its path."""
+    import yaml
+    from basicsr.utils.options import ordered_yaml
+    loader, dumper = ordered_yaml()
+    with open(path, encoding='utf-8') as f:
+        opt = yaml.load(f, Loader=loader)
+    opt['train']['amp'] = amp
+    out = os.path.join(folder, os.path.basename(path))
+    with open(out, 'w', encoding='utf-8') as f:
+        yaml.dump(opt, f, Dumper=dumper)
+    return out
 
 
 def log(msg):
@@ -320,12 +340,14 @@ def main(argv=None):
     stage2 = os.path.join(REPO, 'options', 'demo', 'stage2.yml')
     from basicsr.utils.registry import MODEL_REGISTRY
     names = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
+    skipped = names + (AMP_ROW_NAMES if args.amp == 'bf16' else ())
     if args.no_train:
-        for n in names:
-            table.skip(n, 'ms', 'skipped (--no-train)')
+        for n in skipped:
+            table.skip(n, 'x' if n == AMP_ROW_NAMES[-1] else 'ms', 'skipped (--no-train)')
     elif not os.path.isfile(stage2) or 'TPDiffModel' not in MODEL_REGISTRY:
-        for n in names:
-            table.skip(n, 'ms', 'skipped: options/demo/stage2.yml or the TPDiffModel registration is missing')
+        for n in skipped:
+            table.skip(n, 'x' if n == AMP_ROW_NAMES[-1] else 'ms',
+                       'skipped: options/demo/stage2.yml or the TPDiffModel registration is missing')
     else:
         iters = 3 if args.quick else 6
         log(f'stage-2 training, {iters} iterations (the first is a warm-up)')
@@ -333,6 +355,14 @@ def main(argv=None):
         for n, key in zip(names, ('data', 'G', 'D')):
             table.add(n, 1e3 * median(rows[key][1:]), 'ms',
                       f'demo/stage2.yml, batch {batch} x {patch}px, synthetic folder data, median of {iters - 1}')
+        if args.amp == 'bf16':  # the same iteration again under train.amp: bf16, in the same process
+            log(f'stage-2 training under train.amp: bf16, {iters} iterations (the first is a warm-up)')
+            with tempfile.TemporaryDirectory(prefix='tpdiff_bench_amp_') as tmp:
+                amp_rows, _, _ = benchlib.stage2_training_times(options_with_amp(stage2, 'bf16', tmp), device, iters)
+            for n, key in zip(AMP_ROW_NAMES, ('G', 'D')):
+                table.add(n, 1e3 * median(amp_rows[key][1:]), 'ms', 'as the rows above, train.amp: bf16')
+            ratio = sum(median(rows[k][1:]) for k in ('G', 'D')) / sum(median(amp_rows[k][1:]) for k in ('G', 'D'))
+            table.add(AMP_ROW_NAMES[-1], ratio, 'x', '> 1: train.amp: bf16 is faster; measured after the fp32 rows')
 
     # ------------------------------------------------------------------ optional: per-component profile
     if args.profile:

@@ -11,10 +11,11 @@ from conftest import REPO, bench_module, run_cmd
 
 def test_bench_quick_prints_every_row(tmp_path):
     PROFILE_ROWS = bench_module('components').ROW_NAMES
-    ROW_NAMES = bench_module('run').ROW_NAMES + PROFILE_ROWS
+    run = bench_module('run')
+    ROW_NAMES = run.ROW_NAMES + run.AMP_ROW_NAMES + PROFILE_ROWS  # --amp bf16: 3 more tiny training iterations (~3 s)
     out = tmp_path / 'bench.json'
-    res = run_cmd([sys.executable, str(REPO / 'bench' / 'run.py'), '--quick', '--profile', '--json', str(out)],
-                  cwd=tmp_path, timeout=300)
+    res = run_cmd([sys.executable, str(REPO / 'bench' / 'run.py'), '--quick', '--profile', '--amp', 'bf16', '--json',
+                   str(out)], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     printed = {line.split('|')[0].strip(): line.split('|')[1].strip() for line in res.stdout.splitlines()
                if line.count('|') >= 3}
