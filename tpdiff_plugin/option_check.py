@@ -8,8 +8,9 @@ checkpoint paths named in it exist.
 A model or dataset class that declares its option schema is also checked against it: the keys it reads
 (``NETWORK_LABELS``, ``TOP_KEYS``, ``TRAIN_KEYS``, ``VAL_KEYS``, ``PATH_KEYS`` on a model; ``OPTION_KEYS`` on a
 dataset), the integers it needs (``TRAIN_INTS`` / ``INT_OPTIONS``: key -> minimum) and a dataset's options with
-a fixed set of values (``CHOICE_OPTIONS``: key -> allowed values), and a model's nested ``train`` options
-(``TRAIN_CHECKS``: key -> a function that raises UserError for a bad value). The classes are the
+a fixed set of values (``CHOICE_OPTIONS``: key -> allowed values), and a model's ``train`` options with a check
+of their own (``TRAIN_CHECKS``: key -> a function that raises UserError for a bad value, e.g. ``amp`` and the
+nested ``self_enhance``). The classes are the
 one home of their schema; here only basicsr's own keys are listed. An unknown key is a UserError suggesting
 the closest known one (a typo such as ``netwrok_g`` or ``trian`` would otherwise be silently ignored by
 basicsr). Options of other model types and of upstream datasets are left to basicsr.
@@ -135,7 +136,7 @@ def _check_numbers(opt, model, source):
         block = opt if not section else (opt.get(section) or {})
         if block.get(key) is not None:
             check_int(block[key], f'{section + "." if section else ""}{key}', minimum, source)
-    for key, check in getattr(model, 'TRAIN_CHECKS', {}).items():  # nested train options: the model's own checks
+    for key, check in getattr(model, 'TRAIN_CHECKS', {}).items():  # the model's own checks of train options
         if isinstance(opt.get('train'), dict) and opt['train'].get(key) is not None:
             try:
                 check(opt['train'][key])
