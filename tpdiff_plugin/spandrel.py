@@ -13,8 +13,8 @@ spandrel hands an architecture only the state dict (``params_ema``, else ``param
 ``network_opt`` the plugin stores next to it, so the options are read from the weights' names and shapes
 (:func:`detect_options`): in_ch, dim, num_blocks, num_refinement_blocks, heads, ffn_expansion_factor (a value
 that gives the same hidden widths), bias, prior_ch, prior_hidden, multi_scale_prior, fm_msa / filter_type,
-filter_kernel, offset_groups, tm_ffn_modulation, use_dm, prior_scale, dm_feats, dm_blocks, dm_cond_blocks.
-Not in the weights, so the defaults (those of every shipped options file) are assumed: dm_timesteps 8,
+filter_kernel, offset_groups, tm_ffn_modulation, use_dm, prior_scale, dm_feats, dm_blocks, dm_cond_blocks, and
+residual_lowpass (its ``residual_lowpass_sigma`` buffer; absent = 0). Not in the weights, so the defaults (those of every shipped options file) are assumed: dm_timesteps 8,
 dm_beta_start 0.1, dm_beta_end 0.99, and without a DM prior_scale 4. A state dict that looks like TPDiffNet's
 but that the detected network does not fit exactly is refused with ``spandrel.UnsupportedModelError``
 naming the keys.
@@ -119,6 +119,8 @@ def detect_options(sd):
         opts.update(prior_scale=scale, prior_ch=sd['dm.denoiser.tail.weight'].shape[0],
                     dm_feats=sd['dm.denoiser.head.weight'].shape[0], dm_blocks=get_seq_len(sd, 'dm.denoiser.blocks'),
                     dm_cond_blocks=get_seq_len(sd, 'dm.condition.blocks'))
+    sigma = sd.get('residual_lowpass_sigma')  # the buffer exists only when the filter is on
+    opts['residual_lowpass'] = 0 if sigma is None else round(float(sigma), 6)
     if opts.get('tm_ffn_modulation') == 'unknown':
         raise UnsupportedModelError(f'TPDiffNet: cannot tell where TM-FFN modulates from {prior}ffn.prior_convs')
     return opts

@@ -342,8 +342,9 @@ def test_residual_lowpass_blurs_only_the_change():
     """residual_lowpass sigma: out = lq + gaussian_lowpass(r, sigma), with the same weights (no new parameter)."""
     plain = _net()
     smooth = _net(residual_lowpass=1.5)
-    assert plain.state_dict().keys() == smooth.state_dict().keys()
-    smooth.load_state_dict(plain.state_dict())
+    assert set(smooth.state_dict()) - set(plain.state_dict()) == {'residual_lowpass_sigma'}
+    assert not any(p is smooth.residual_lowpass_sigma for p in smooth.parameters())
+    smooth.load_state_dict({**plain.state_dict(), 'residual_lowpass_sigma': torch.tensor(1.5)})
     lq = torch.rand(2, 3, 32, 40)  # a multiple of the pad, so the crop does not interfere
     prior = torch.randn(*plain.prior_shape(lq))
     change = plain(lq, prior=prior) - lq
@@ -364,6 +365,20 @@ def test_residual_lowpass_gradients_reach_the_unet():
     lq = torch.rand(1, 3, 32, 32)
     (net(lq, prior=torch.randn(*net.prior_shape(lq))) - torch.rand_like(lq)).abs().mean().backward()
     _assert_all_grads(net, skip=('dm.',))
+
+
+def test_residual_lowpass_checkpoints_load_only_into_the_same_filter():
+    """The sigma is stored (only when on), so a checkpoint cannot silently lose or change its filter."""
+    smooth = _net(residual_lowpass=1.0)
+    assert smooth.state_dict()['residual_lowpass_sigma'].item() == 1.0
+    _net(residual_lowpass=1.0, seed=1).load_state_dict(smooth.state_dict())  # the same filter: loads
+    with pytest.raises(RuntimeError, match='residual_lowpass: the checkpoint was trained with 1, this network '
+                                           'filters with 1.5'):
+        _net(residual_lowpass=1.5).load_state_dict(smooth.state_dict())
+    with pytest.raises(RuntimeError, match='Unexpected key.*residual_lowpass_sigma'):
+        _net().load_state_dict(smooth.state_dict())
+    with pytest.raises(RuntimeError, match='Missing key.*residual_lowpass_sigma'):
+        smooth.load_state_dict(_net().state_dict())
 
 
 @pytest.mark.parametrize('bad', [-1, 'wide', True, None])

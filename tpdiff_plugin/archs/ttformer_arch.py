@@ -186,7 +186,8 @@ class TPDiffNet(nn.Module):
     mem_slots (their number of memory atoms / codebook entries; the memory-based two copy the TPE memory, so
     it must equal network_tpe.mem_slots), residual_lowpass (not in the paper; 0, the default, is off: a sigma in
     px by which the residual r is Gaussian-blurred before ``lq + r``, in training and inference alike, so the
-    net's change to its input is band-limited to scales above about 2 sigma. A demo-recipe option: on the CPU
+    net's change to its input is band-limited to scales above about 2 sigma. When on, the sigma is stored as the buffer
+    ``residual_lowpass_sigma``, so a checkpoint loads only into a network with the same filter. A demo-recipe option: on the CPU
     budget DN's change below ~3 px was measured to lower PSNR and SSIM while its coarse part raised both; see
     bench/README.md, rounds 5 and 6).
     """
@@ -218,6 +219,8 @@ class TPDiffNet(nn.Module):
                 or residual_lowpass < 0:
             raise ValueError(f'residual_lowpass must be a number >= 0 (a sigma in px; 0 = off), got {residual_lowpass!r}')
         self.residual_lowpass = float(residual_lowpass)
+        if self.residual_lowpass:  # in the state dict (only when on): a checkpoint says how its output is filtered
+            self.register_buffer('residual_lowpass_sigma', torch.tensor(self.residual_lowpass))
         if len(num_blocks) != 4 or len(heads) != 4:
             raise ValueError('num_blocks and heads must have 4 entries (one per U-Net level)')
         self.prior_ch = prior_ch
@@ -264,6 +267,16 @@ class TPDiffNet(nn.Module):
         self.output = nn.Conv2d(dim * 2, out_ch, 3, padding=1, bias=bias)
         if identity_init:
             zero_init_(self.output)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A stored ``residual_lowpass_sigma`` must be this network's sigma (the buffer only records it)."""
+        stored = state_dict.get(prefix + 'residual_lowpass_sigma')
+        if stored is not None and self.residual_lowpass and abs(float(stored) - self.residual_lowpass) > 1e-6:
+            error_msgs.append(f'residual_lowpass: the checkpoint was trained with {float(stored):g}, this network '
+                              f'filters with {self.residual_lowpass:g}')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def set_deform_impl(self, impl):
         """Switch every FM-MSA deformable filter to ``impl`` ('auto', 'torchvision', 'grid_sample'); weights are
