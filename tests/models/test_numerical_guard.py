@@ -52,9 +52,10 @@ def warnings_log():
     logger.removeHandler(handler)
 
 
-@pytest.fixture
-def model():
-    m = build(make_opt(pool_size=4, max_bad_iters=3))
+@pytest.fixture(params=['none', 'bf16'], ids=['fp32', 'amp_bf16'])
+def model(request):
+    """A trained-once model, in fp32 and under ``train.amp: bf16`` (the guard must cover both)."""
+    m = build(make_opt(pool_size=4, max_bad_iters=3, amp=request.param))
     m.feed_data(batch(0))
     m.optimize_parameters(1)  # optimizers and pools hold state already
     return m
