@@ -279,7 +279,9 @@ def _train(model, loader_iter, iters, start, args, val, curve, name):
     prints the losses to stderr. Returns the last evaluation's images."""
     import math
     last = None
+    warmup = model.opt['train'].get('warmup_iter', -1)
     for it in range(1, iters + 1):
+        model.update_learning_rate(it, warmup_iter=warmup)  # as basicsr's train loop: the options' scheduler
         batch = next(loader_iter)
         model.feed_data(batch)
         model.optimize_parameters(it)

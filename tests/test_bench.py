@@ -138,3 +138,29 @@ def test_heldout_scores_only_photos_the_training_set_never_saw(tmp_path, capsys)
     assert rows[1]['psnr'] == rows[0]['psnr'] and rows[1]['ssim'] == rows[0]['ssim'] and rows[1]['artifact_db'] == 0
     assert abs(rows[2]['psnr'] - rows[0]['psnr']) > 1e-3  # a net that changes the images scores differently
     assert f'{len(pairs)} held-out pairs from 1 photo(s)' in capsys.readouterr().out
+
+
+def test_quality_training_loop_steps_the_options_scheduler(monkeypatch):
+    """bench/quality.py's loop calls update_learning_rate as basicsr's does (else train.scheduler would be ignored)."""
+    import types
+    quality = bench_module('quality')
+    calls = []
+
+    class Model:
+        opt = {'train': {'warmup_iter': 2}}
+
+        def update_learning_rate(self, it, warmup_iter):
+            calls.append(('lr', it, warmup_iter))
+
+        def feed_data(self, batch):
+            calls.append(('data', batch))
+
+        def optimize_parameters(self, it):
+            calls.append(('step', it))
+
+    monkeypatch.setattr(quality, 'evaluate', lambda run, val: ({'psnr': 1.0}, None))
+    args = types.SimpleNamespace(eval_every=100, log_every=0, keep=None)
+    curve = []
+    quality._train(Model(), iter(['b1', 'b2']), 2, 5, args, [], curve, 'x')
+    assert calls == [('lr', 1, 2), ('data', 'b1'), ('step', 1), ('lr', 2, 2), ('data', 'b2'), ('step', 2)]
+    assert curve == [{'iter': 7, 'psnr': 1.0}]
