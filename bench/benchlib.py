@@ -107,12 +107,12 @@ def _synthetic_images(folder, n, size, seed):
         cv2.imwrite(os.path.join(folder, f'img{i:03d}.png'), img)
 
 
-def build_stage2_model(options_path, device, workdir, batch_size=None, patch=None):
+def build_stage2_model(options_path, device, workdir, batch_size=None, patch=None, amp=None):
     """The stage-2 TPDiffModel of ``options_path``, built in-process with basicsr's ``build_model``.
 
     Data: tiny synthetic folders (``io_backend: disk``) in ``workdir``; the stage-1 checkpoints it needs are
     the randomly initialised networks of the same options, saved in ``workdir``. Returns
-    ``(model, dataloader)``.
+    ``(model, dataloader)``. ``amp`` given: ``train.amp`` set to it (e.g. ``'bf16'``).
     """
     import yaml
     from basicsr.archs import build_network
@@ -134,6 +134,8 @@ def build_stage2_model(options_path, device, workdir, batch_size=None, patch=Non
         opt['path'][key] = os.path.join(root, key)
         os.makedirs(opt['path'][key], exist_ok=True)
     opt['path'].pop('resume_optim_d', None)  # fresh discriminator moments: the same work per iteration
+    if amp is not None:
+        opt['train']['amp'] = amp
     for label in ('g', 'tpe', 'rb', 'd_sharp', 'd_blur', 'd_wave'):  # random stage-1 checkpoints do for timing
         if f'network_{label}' in opt and (label in ('g', 'tpe', 'rb') or opt['path'].get(f'pretrain_network_{label}')):
             ckpt = os.path.join(workdir, f'net_{label}_stage1.pth')
@@ -198,9 +200,9 @@ def time_training(model, loader, iterations, device):
     return rows
 
 
-def stage2_training_times(options_path, device, iterations, batch_size=None, patch=None):
+def stage2_training_times(options_path, device, iterations, batch_size=None, patch=None, amp=None):
     with tempfile.TemporaryDirectory(prefix='tpdiff_bench_') as workdir:
-        model, loader = build_stage2_model(options_path, device, workdir, batch_size, patch)
+        model, loader = build_stage2_model(options_path, device, workdir, batch_size, patch, amp)
         batch = model.opt['datasets']['train']['batch_size_per_gpu']
         size = model.opt['datasets']['train']['gt_size']
         return time_training(model, loader, iterations, device), batch, size

@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 # Before torch loads OpenMP: idle OpenMP threads yield instead of spinning. On a shared 2-core machine the
@@ -98,20 +97,6 @@ class Table:
             else:
                 text = f'{v:.4f}'
             print(f'{r["row"]:<36} | {text:>10} | {r["unit"]:<8} | {r["note"]}', flush=True)
-
-
-def options_with_amp(path, amp, folder):
-    """A copy of the options file ``path`` in ``folder`` with ``train.amp: <amp>``; returns its path."""
-    import yaml
-    from basicsr.utils.options import ordered_yaml
-    loader, dumper = ordered_yaml()
-    with open(path, encoding='utf-8') as f:
-        opt = yaml.load(f, Loader=loader)
-    opt['train']['amp'] = amp
-    out = os.path.join(folder, os.path.basename(path))
-    with open(out, 'w', encoding='utf-8') as f:
-        yaml.dump(opt, f, Dumper=dumper)
-    return out
 
 
 def log(msg):
@@ -340,14 +325,12 @@ def main(argv=None):
     stage2 = os.path.join(REPO, 'options', 'demo', 'stage2.yml')
     from basicsr.utils.registry import MODEL_REGISTRY
     names = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
-    skipped = names + (AMP_ROW_NAMES if args.amp == 'bf16' else ())
-    if args.no_train:
-        for n in skipped:
-            table.skip(n, 'x' if n == AMP_ROW_NAMES[-1] else 'ms', 'skipped (--no-train)')
-    elif not os.path.isfile(stage2) or 'TPDiffModel' not in MODEL_REGISTRY:
-        for n in skipped:
-            table.skip(n, 'x' if n == AMP_ROW_NAMES[-1] else 'ms',
-                       'skipped: options/demo/stage2.yml or the TPDiffModel registration is missing')
+    skip = 'skipped (--no-train)' if args.no_train else None
+    if not skip and (not os.path.isfile(stage2) or 'TPDiffModel' not in MODEL_REGISTRY):
+        skip = 'skipped: options/demo/stage2.yml or the TPDiffModel registration is missing'
+    if skip:
+        for n in names + (AMP_ROW_NAMES if args.amp == 'bf16' else ()):
+            table.skip(n, 'x' if n == AMP_ROW_NAMES[-1] else 'ms', skip)
     else:
         iters = 3 if args.quick else 6
         log(f'stage-2 training, {iters} iterations (the first is a warm-up)')
@@ -357,8 +340,7 @@ def main(argv=None):
                       f'demo/stage2.yml, batch {batch} x {patch}px, synthetic folder data, median of {iters - 1}')
         if args.amp == 'bf16':  # the same iteration again under train.amp: bf16, in the same process
             log(f'stage-2 training under train.amp: bf16, {iters} iterations (the first is a warm-up)')
-            with tempfile.TemporaryDirectory(prefix='tpdiff_bench_amp_') as tmp:
-                amp_rows, _, _ = benchlib.stage2_training_times(options_with_amp(stage2, 'bf16', tmp), device, iters)
+            amp_rows, _, _ = benchlib.stage2_training_times(stage2, device, iters, amp='bf16')
             for n, key in zip(AMP_ROW_NAMES, ('G', 'D')):
                 table.add(n, 1e3 * median(amp_rows[key][1:]), 'ms', 'as the rows above, train.amp: bf16')
             ratio = sum(median(rows[k][1:]) for k in ('G', 'D')) / sum(median(amp_rows[k][1:]) for k in ('G', 'D'))
