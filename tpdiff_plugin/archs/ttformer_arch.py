@@ -40,6 +40,7 @@ from tpdiff_plugin.archs.adaptive_filter import DeformFilterBase, check_deform_i
 from tpdiff_plugin.archs.fm_msa import FMMSA
 from tpdiff_plugin.archs.prior_generators import PRIOR_GENERATORS, build_prior_generator, check_prior_generator
 from tpdiff_plugin.archs.tm_ffn import TMFFN
+from tpdiff_plugin.utils.option_files import is_number
 
 
 class LayerNorm2d(nn.Module):
@@ -215,8 +216,7 @@ class TPDiffNet(nn.Module):
             raise ValueError(f'dim must be even (pixel-unshuffle halves it before doubling), got {dim}')
         if out_ch != in_ch:
             raise ValueError(f'out_ch ({out_ch}) must equal in_ch ({in_ch}): the output is lq + residual')
-        if not isinstance(residual_lowpass, (int, float)) or isinstance(residual_lowpass, bool) \
-                or residual_lowpass < 0:
+        if not is_number(residual_lowpass) or residual_lowpass < 0:
             raise ValueError(f'residual_lowpass must be a number >= 0 (a sigma in px; 0 = off), got {residual_lowpass!r}')
         self.residual_lowpass = float(residual_lowpass)
         if self.residual_lowpass:  # in the state dict (only when on): a checkpoint says how its output is filtered
