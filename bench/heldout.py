@@ -38,18 +38,14 @@ def photos_of(data_root):
 def heldout_pairs(pool, trained_on, every=1):
     """``[(key, lq [1, 3, H, W], blurry uint8 BGR, sharp uint8 BGR)]``: ``pool``'s blurry training tiles and their
     sharp originals, for the photos that no tile of ``trained_on`` came from; every ``every``-th in key order."""
-    import torch
-    from tpdiff_plugin.data.image_sets import read_images
     seen = set(photos_of(trained_on).values())
-    photo = photos_of(pool)
-    blur = read_images(os.path.join(pool, 'train_blur.lmdb'))
-    sharp = read_images(os.path.join(pool, 'train_blur_gt.lmdb'))
-    keys = sorted(k for k in blur if photo[f'train_blur/{k}'] not in seen)[::every]
+    prefix = 'train_blur/'
+    keys = sorted(k[len(prefix):] for k, photo in photos_of(pool).items()
+                  if k.startswith(prefix) and photo not in seen)[::every]
     if not keys:
         raise SystemExit(f'{pool}: every blurry tile comes from a photo of {trained_on}: nothing is held out '
                          '(build --pool with `tpdiff make-demo --photos DIR`)')
-    return [(k, torch.from_numpy(blur[k][:, :, ::-1].copy()).permute(2, 0, 1)[None].float() / 255., blur[k], sharp[k])
-            for k in keys]
+    return quality.val_pairs(pool, 'train_blur', 'train_blur_gt', keys)
 
 
 def main(argv=None):

@@ -223,17 +223,20 @@ def _batches(loader):
         yield from loader
 
 
-def _val_images(data_root):
-    """``[(key, lq [1, 3, H, W], gt uint8 BGR)]`` of the demo validation pairs."""
+def val_pairs(data_root, blur_set, sharp_set, keys=None):
+    """``[(key, lq [1, 3, H, W] RGB in [0, 1], blurry uint8 BGR, sharp uint8 BGR)]`` of the pairs stored under the
+    same keys in ``<data_root>/<blur_set>.lmdb`` and ``<sharp_set>.lmdb``: ``keys`` (default: all, sorted)."""
     import torch
     from tpdiff_plugin.data.image_sets import read_images
-    blur = read_images(os.path.join(data_root, 'val_blur.lmdb'))
-    sharp = read_images(os.path.join(data_root, 'val_sharp.lmdb'))
-    out = []
-    for key in sorted(blur):
-        lq = torch.from_numpy(blur[key][:, :, ::-1].copy()).permute(2, 0, 1)[None].float() / 255.
-        out.append((key, lq, blur[key], sharp[key]))
-    return out
+    blur = read_images(os.path.join(data_root, f'{blur_set}.lmdb'))
+    sharp = read_images(os.path.join(data_root, f'{sharp_set}.lmdb'))
+    return [(key, torch.from_numpy(blur[key][:, :, ::-1].copy()).permute(2, 0, 1)[None].float() / 255., blur[key],
+             sharp[key]) for key in (sorted(blur) if keys is None else keys)]
+
+
+def _val_images(data_root):
+    """The demo validation pairs (``val_pairs``)."""
+    return val_pairs(data_root, 'val_blur', 'val_sharp')
 
 
 def coarse_part(out, blur, sigma=COARSE_SIGMA):
