@@ -28,10 +28,13 @@ degradation with training shows. Kinds of variant:
 Variants are option overrides (``section.key=value``, YAML values) on the demo options; ``--define
 NAME=BASE,key=value,...`` adds one. ``--jobs 2`` trains two variants at a time, one thread each (the
 machine's 2 cores); results do not depend on it. ``--json`` writes the curves, ``--out`` a PNG per
-variant (blurry | output | sharp for every validation image, at the last evaluation).
+variant (blurry | output | sharp for every validation image, at the last evaluation). ``--warm-start DIR:ITER``
+continues a ``--keep`` run's stage 1 from ITER under each variant's options (e.g. a learning-rate decay from
+iteration 1000), so a late-training change costs only the iterations after ITER.
 """
 import argparse
 import copy
+import glob
 import json
 import os
 import re
@@ -113,12 +116,26 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='train on the CPU (default) or one GPU')
     p.add_argument('--quick', action='store_true', help='10 + 10 iterations of identity, recipe and supervised')
     p.add_argument('--log-every', type=int, default=0, help='print the training losses to stderr every N iterations')
+    p.add_argument('--warm-start', default=None, metavar='DIR:ITER',
+                   help='start every tpdiff variant\'s stage 1 from the checkpoints a --keep run saved at ITER in DIR '
+                        '(its <name>-s1 folder): networks, optimizer states and image pools; the variant\'s own '
+                        'options (learning rate, schedule, losses) apply from ITER on, and --iters is the total')
     p.add_argument('--json', default=None, help='write the results (curves included) to this file')
     p.add_argument('--out', default=None, help='write one PNG per variant (blurry | output | sharp) here')
     p.add_argument('--keep', default=None, metavar='DIR',
                    help='train in DIR and keep it: each variant\'s checkpoints (<name>-s1/, <name>-s2/ models and '
                         'training states, saved at every evaluation) and demo sets; default: a temporary folder')
     args = p.parse_args(argv)
+    if args.warm_start:
+        folder, _, start = args.warm_start.rpartition(':')
+        if not start.isdigit() or not os.path.isfile(os.path.join(folder, 'training_states', f'{start}.state')):
+            p.error(f'--warm-start {args.warm_start}: expected DIR:ITER with DIR/training_states/ITER.state '
+                    '(a --keep run\'s <name>-s1 folder)')
+        if int(start) >= args.iters:
+            p.error(f'--warm-start {args.warm_start}: ITER must be below --iters ({args.iters}), the stage-1 total')
+        args.warm_folder, args.warm_iter = folder, int(start)
+    else:
+        args.warm_folder, args.warm_iter = None, 0
     if args.quick:
         args.iters, args.stage2_iters, args.eval_every = 10, 10, 10
         if args.variants == p.get_default('variants'):
@@ -198,15 +215,36 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0):
     return opt
 
 
-def _stage1_paths(opt2, stage1_work, iters):
-    """Point the stage-2 options' checkpoint paths (those the options set) at the harness's stage-1 run."""
+def _stage1_paths(opt2, stage1_work, iters, every_network=False):
+    """Point the stage-2 options' checkpoint paths (those the options set) at the harness's stage-1 run;
+    ``every_network`` (a warm start): every network that run saved at ``iters``."""
     models = os.path.join(stage1_work, 'models')
+    if every_network:
+        for path in sorted(glob.glob(os.path.join(models, f'net_*_{iters}.pth'))):
+            opt2['path'][f'pretrain_network_{os.path.basename(path)[4:-len(f"_{iters}.pth")]}'] = path
     for key in list(opt2['path']):
         if key.startswith('pretrain_network_'):
             label = key[len('pretrain_network_'):]
             opt2['path'][key] = os.path.join(models, f'net_{label}_{iters}.pth')
         elif key == 'resume_optim_d':
             opt2['path'][key] = os.path.join(stage1_work, 'training_states')
+
+
+def _warm_start(model, stage1_work, iters):
+    """Give ``model`` (built with ``_stage1_paths(..., every_network=True)``) the optimizer states and image
+    pools saved with those networks. The learning rates restart from the options' (the scheduler is the
+    variant's own, stepped from ``iters``), so a warm start can change the schedule."""
+    from tpdiff_plugin.utils.checkpoint import read_checkpoint
+    state = read_checkpoint(os.path.join(stage1_work, 'training_states', f'{iters}.state'), '--warm-start')
+    if len(state['optimizers']) != len(model.optimizers):
+        raise SystemExit(f'--warm-start: {stage1_work} has {len(state["optimizers"])} optimizers, the variant '
+                         f'{len(model.optimizers)}')
+    for optimizer, saved in zip(model.optimizers, state['optimizers']):
+        own = [(g['lr'], g.get('initial_lr', g['lr'])) for g in optimizer.param_groups]  # the variant's rates
+        optimizer.load_state_dict(saved)  # (which would also bring back the saved run's rates)
+        for group, (lr, initial) in zip(optimizer.param_groups, own):
+            group['lr'], group['initial_lr'] = lr, initial
+    model.load_extra_training_state({k: v for k, v in state.items() if k != 'rng_states'})
 
 
 def _loader(dataset_opt, seed):
@@ -277,26 +315,27 @@ def _model_runner(model):
     return run
 
 
-def _train(model, loader_iter, iters, start, args, val, curve, name):
+def _train(model, loader_iter, iters, start, args, val, curve, name, model_start=0):
     """``iters`` iterations; evaluates (and with ``--keep`` saves) every ``--eval-every``; ``--log-every``
-    prints the losses to stderr. Returns the last evaluation's images."""
+    prints the losses to stderr. ``start`` numbers the curve, ``model_start`` the model's own iterations (its
+    schedule and checkpoints: a warm start's ITER; a new stage's 0). Returns the last evaluation's images."""
     import math
     last = None
     warmup = model.opt['train'].get('warmup_iter', -1)
-    for it in range(1, iters + 1):
+    for it in range(model_start + 1, model_start + iters + 1):
         model.update_learning_rate(it, warmup_iter=warmup)  # as basicsr's train loop: the options' scheduler
         batch = next(loader_iter)
         model.feed_data(batch)
         model.optimize_parameters(it)
         if args.log_every and it % args.log_every == 0:
             log = model.get_current_log()
-            print(f'  {name} [{start + it}] ' + ' '.join(f'{k}={v:.3g}' for k, v in log.items()), file=sys.stderr,
-                  flush=True)
-        if it % args.eval_every == 0 or it == iters:
+            print(f'  {name} [{start + it - model_start}] ' + ' '.join(f'{k}={v:.3g}' for k, v in log.items()),
+                  file=sys.stderr, flush=True)
+        if it % args.eval_every == 0 or it == model_start + iters:
             metrics, last = evaluate(_model_runner(model), val)
-            curve.append({'iter': start + it, **metrics})
+            curve.append({'iter': start + it - model_start, **metrics})
             if args.log_every:
-                print(f'  {name} [{start + it}] val ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()),
+                print(f'  {name} [{start + it - model_start}] val ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()),
                       file=sys.stderr, flush=True)
             if args.keep:
                 model.save(0, it)
@@ -347,13 +386,20 @@ def run_variant(name, spec, args, data_roots, work):
         opt['train']['optim_g']['betas'] = [0.9, 0.99]  # basicsr's supervised default (0.5 is for GANs)
         for key in [k for k in opt if k.startswith('network_') and k != 'network_g']:
             opt.pop(key)
-    set_random_seed(args.seed)
+    warm = args.warm_iter if kind == 'tpdiff' else 0
+    if warm:
+        _stage1_paths(opt, args.warm_folder, warm, every_network=True)
+    set_random_seed(args.seed + warm)
     model = build_model(opt)
-    loader = _batches(_loader(opt['datasets']['train'], args.seed))
+    loader = _batches(_loader(opt['datasets']['train'], args.seed + warm))
     if kind != 'tpdiff':
         images = _train(model, loader, total, 0, args, val, curve, name) or images
     else:
-        images = _train(model, loader, args.iters, 0, args, val, curve, name) or images
+        if warm:
+            _warm_start(model, args.warm_folder, warm)
+            metrics, images = evaluate(_model_runner(model), val)  # where the curve picks up (0 stays the input)
+            curve.append({'iter': warm, **metrics})
+        images = _train(model, loader, args.iters - warm, warm, args, val, curve, name, model_start=warm) or images
         if args.stage2_iters > 0:
             model.save(0, args.iters)
             opt2 = build_options(args.stage2_opt, spec, 2, data_root, work, f'{name}-s2', num_gpu)

@@ -164,3 +164,33 @@ def test_quality_training_loop_steps_the_options_scheduler(monkeypatch):
     quality._train(Model(), iter(['b1', 'b2']), 2, 5, args, [], curve, 'x')
     assert calls == [('lr', 1, 2), ('data', 'b1'), ('step', 1), ('lr', 2, 2), ('data', 'b2'), ('step', 2)]
     assert curve == [{'iter': 7, 'psnr': 1.0}]
+
+
+def test_quality_warm_start_continues_a_kept_run_with_the_variants_options(tmp_path):
+    """--warm-start DIR:ITER: the networks, Adam moments and step counts of a --keep run at ITER carry on, the curve
+    picks up at ITER (with the kept networks' score there), and the variant's own learning rate applies."""
+    import torch
+    quality = bench_module('quality')
+    keep, warm = tmp_path / 'keep', tmp_path / 'warm'
+    common = ['--stage2-iters', '0', '--eval-every', '2', '--threads', '1']
+    assert quality.main(['--variants', 'recipe', '--iters', '2', '--keep', str(keep), '--json',
+                         str(tmp_path / 'a.json'), *common]) == 0
+    source = keep / 'recipe-s1'
+    assert quality.main(['--define', 'slow=recipe,train.optim_g.lr=1e-5', '--variants', 'slow', '--iters', '4',
+                         '--data', str(keep / 'demo-matched'), '--warm-start', f'{source}:2', '--keep', str(warm),
+                         '--json', str(tmp_path / 'b.json'), *common]) == 0
+    first = json.loads((tmp_path / 'a.json').read_text())['variants'][0]['curve']
+    curve = json.loads((tmp_path / 'b.json').read_text())['variants'][0]['curve']
+    assert [c['iter'] for c in curve] == [0, 2, 4]
+    assert curve[0] == first[0] and curve[1] == first[1]  # the input, then the kept networks as they were
+    assert curve[2] != curve[1]
+    state = torch.load(warm / 'slow-s1' / 'training_states' / '4.state', weights_only=True)
+    adam = state['optimizers'][0]
+    assert {float(s['step']) for s in adam['state'].values()} == {4.0}  # 2 kept + 2 new steps, not 2
+    assert adam['param_groups'][0]['lr'] == 1e-5
+    assert sorted(os.listdir(warm / 'slow-s1' / 'models')) == sorted(
+        n.replace('_2.pth', '_4.pth') for n in os.listdir(source / 'models') if n.endswith('_2.pth'))
+    with pytest.raises(SystemExit):
+        quality.parse_args(['--warm-start', f'{source}:3'])  # no such state
+    with pytest.raises(SystemExit):
+        quality.parse_args(['--warm-start', f'{source}:2', '--iters', '2'])  # nothing left to train
