@@ -211,6 +211,9 @@ def test_half_runs_bf16_autocast_on_cpu_and_stays_close_to_fp32():
     assert half.dtype == torch.float32
     assert (half - full).abs().mean() < 0.02
     assert not torch.equal(half, full)  # it really ran in reduced precision
+    fp16 = Deblurrer(net, seed=0, half='fp16')(x)  # fp16 on request: 10 mantissa bits, closer than bf16's 7
+    assert fp16.dtype == torch.float32 and not torch.equal(fp16, half)
+    assert 0 < (fp16 - full).abs().mean() < (half - full).abs().mean()
 
 
 def test_from_checkpoint_prefers_params_ema_and_strips_ddp_prefixes(tmp_path):

@@ -43,6 +43,7 @@ from tpdiff_plugin.utils.checkpoint import NETWORK_OPT_KEY, load_network_file, n
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
 from tpdiff_plugin.utils.option_files import find_options_file, load_options_file
+from tpdiff_plugin.utils.precision import half_dtype
 
 __all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'add_checkpoint_arguments', 'restorer_from_checkpoint',
            'check_tiling', 'tile_starts', 'axis_windows', 'run_tiled', 'image_to_tensor', 'tensor_to_image']
@@ -295,7 +296,10 @@ class Deblurrer(nn.Module):
         device: ``'cpu'``, ``'cuda'``, ``'cuda:N'`` or ``'auto'``.
         tile, tile_overlap: tile size (rounded down to the network's size multiple) and overlap in pixels;
             ``tile=None`` runs whole images. Rule: ``tile > 2 * tile_overlap``.
-        half: fp16 autocast on CUDA, bf16 autocast on CPU (weights stay fp32).
+        half: autocast in reduced precision, weights kept fp32: ``True`` or ``'bf16'`` is bfloat16 (on CUDA where
+            the GPU supports it, else float16), ``'fp16'`` float16; ``False`` (default) runs fp32. bf16 is the
+            default because it keeps fp32's exponent range: FM-MSA's attention logits and the DM's noise
+            estimates cannot overflow as they can in fp16.
         seed: seed of the DM's initial noise; every call draws it afresh from this seed, so results do not
             depend on call order.
         channels_last: run the network (converted in place, as ``.to(device)`` moves it) and its inputs in
@@ -324,7 +328,7 @@ class Deblurrer(nn.Module):
         self.align = int(getattr(net, 'pad_multiple', 1))
         self.uses_noise = getattr(net, 'dm', None) is not None
         self.tile, self.tile_overlap = check_tiling(tile, tile_overlap, self.align)
-        self.half = bool(half)
+        self.half = half_dtype(half, self.device)
         self.seed = int(seed)
 
     @classmethod
@@ -341,10 +345,7 @@ class Deblurrer(nn.Module):
                 f'seed={self.seed}, channels_last={self.channels_last}')
 
     def _autocast(self):
-        if not self.half:
-            return nullcontext()
-        dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.half) if self.half else nullcontext()
 
     def _run(self, x_tile, noise_tile):
         if self.channels_last:

@@ -157,6 +157,8 @@ def test_crop_box_finds_the_textured_region():
     (lambda o: o['restorers'].update(bad={'weights': o['restorers']['tpdiff-identity']['weights']}),
      'identity.pth carries no network options (it predates stored options'),  # saved without them: needs network
     (lambda o: o['restorers']['nafnet-tiny'].update(weights='/nonexistent.pth'), 'no such checkpoint file'),
+    (lambda o: o['restorers']['tpdiff-random'].update(half='fp8'),
+     'restorers.tpdiff-random: half: expected true, false, bf16 or fp16'),
 ])
 def test_bad_options_are_one_line_errors(workspace, capsys, edit, match):
     tmp_path, _, opt = workspace

@@ -218,3 +218,16 @@ def test_help_says_the_network_comes_from_the_checkpoint(capsys):
     with pytest.raises(SystemExit):
         tpdiff_main(['deblur', '--help'])
     assert 'stored in the checkpoint' in ' '.join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize('flags, dtype', [(['--half'], 'bf16'), (['--half-dtype', 'fp16'], 'fp16'),
+                                          (['--half', '--half-dtype', 'fp16'], 'fp16')])
+def test_half_flags_write_what_the_api_computes_in_that_precision(setup, capsys, flags, dtype):
+    """--half is bf16 autocast; --half-dtype fp16 picks float16 (and implies --half): the files are the API's."""
+    out = setup['tmp'] / 'half.png'
+    assert _deblur('-i', setup['src'] / 'a.png', '-o', out, '--weights', setup['weights'], '--opt', setup['opt'],
+                   '--tile', 0, *flags) == 0
+    a = cv2.cvtColor(setup['images']['a.png'], cv2.COLOR_BGR2RGB)
+    for half in ('bf16', 'fp16'):
+        expected = cv2.cvtColor(Deblurrer(setup['ema'], seed=0, half=half)(a), cv2.COLOR_RGB2BGR)
+        assert np.array_equal(cv2.imread(str(out)), expected) == (half == dtype), half

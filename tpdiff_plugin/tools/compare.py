@@ -19,7 +19,8 @@ one row per restorer, after a row for the blurry input itself:
 
 Peers are padded to their size multiple and cropped back by their adapters (``PeerAdapter``), TP-Diff pads
 itself; any other network can be given ``size_multiple: N`` in its restorer entry. A restorer entry may
-also set ``tile``/``tile_overlap`` (tiled inference as ``tpdiff deblur``), and TP-Diff uses the top-level
+also set ``tile``/``tile_overlap`` (tiled inference as ``tpdiff deblur``) and ``half`` (true or bf16, fp16: autocast
+as ``tpdiff deblur --half``), and TP-Diff uses the top-level
 ``seed`` for its DM noise.
 
 The side-by-side picture (``<output_dir>/compare.png``) shows, for the first ``crops.max_images`` pairs,
@@ -220,7 +221,7 @@ def run_restorer(label, entry, dataset, device, seed, protocol_opt, crop_boxes, 
         load_weights(net, weights, entry.get('param_key'))
     try:
         deblur = Deblurrer(net, device=device, tile=entry.get('tile'), tile_overlap=entry.get('tile_overlap', 32),
-                           half=bool(entry.get('half', False)), seed=seed)
+                           half=entry.get('half', False), seed=seed)
     except UserError as e:
         raise UserError(f'{source}: restorers.{label}: {e}') from None
     multiple = int(entry.get('size_multiple') or 1)

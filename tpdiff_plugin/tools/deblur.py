@@ -34,6 +34,7 @@ from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, MAX_PIXELS, check_
 from tpdiff_plugin.inference import (Deblurrer, add_checkpoint_arguments, check_tiling, image_to_tensor,
                                      tensor_to_image)
 from tpdiff_plugin.utils.errors import UserError
+from tpdiff_plugin.utils.precision import HALF_CHOICES
 
 COMMAND = 'deblur'
 HELP = 'Deblur images (files, folders or globs) of any size with a trained TP-Diff checkpoint, tiled.'
@@ -53,7 +54,10 @@ def add_arguments(parser):
     parser.add_argument('--tile-overlap', type=int, default=32, help='overlap of neighbouring tiles (default 32)')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                         help='default: cuda when available, else cpu')
-    parser.add_argument('--half', action='store_true', help='fp16 autocast on CUDA, bf16 autocast on CPU')
+    parser.add_argument('--half', action='store_true',
+                        help='autocast in reduced precision, weights fp32: bf16 (fp16 on a GPU without bf16)')
+    parser.add_argument('--half-dtype', choices=HALF_CHOICES, default=None,
+                        help='the reduced precision (implies --half; default bf16)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the DM initial noise (default 0)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
     parser.add_argument('--max-megapixels', type=float, default=DEFAULT_MAX_MEGAPIXELS,
@@ -176,8 +180,8 @@ def run(args):
         raise UserError(f'--tile: expected a positive number of pixels or 0 (no tiling), got {args.tile}')
     check_tiling(tile, args.tile_overlap)  # the cheap checks first, before building the network
     deblurrer = Deblurrer.from_checkpoint(args.weights, opt=args.opt, device=args.device, tile=tile,
-                                          tile_overlap=args.tile_overlap, half=args.half, seed=args.seed,
-                                          param_key=args.param_key)
+                                          tile_overlap=args.tile_overlap, half=args.half_dtype or args.half,
+                                          seed=args.seed, param_key=args.param_key)
     failures = []
     bar = tqdm(pairs, unit='img', disable=args.quiet or len(pairs) < 2, desc='deblur')
     for src, dst in bar:
