@@ -273,7 +273,9 @@ def tensor_to_image(x, info):
 
 
 # ---------------------------------------------------------------------------------------------- API
-def _resolve_device(device):
+def resolve_device(device):
+    """``'auto'``/None (CUDA when available, else the CPU), ``'cpu'``, ``'cuda'``, ``'cuda:N'`` -> a device; asking for
+    CUDA where there is none is a UserError."""
     device = torch.device('cuda' if device in (None, 'auto') and torch.cuda.is_available()
                           else 'cpu' if device in (None, 'auto') else device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -314,7 +316,7 @@ class Deblurrer(nn.Module):
 
     def __init__(self, net, device='cpu', tile=None, tile_overlap=32, half=False, seed=0, channels_last=None):
         super().__init__()
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if self.device.type == 'cpu':
             torch.set_flush_denormal(True)
             tune_malloc()

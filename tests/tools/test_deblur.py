@@ -231,3 +231,22 @@ def test_half_flags_write_what_the_api_computes_in_that_precision(setup, capsys,
     for half in ('bf16', 'fp16'):
         expected = cv2.cvtColor(Deblurrer(setup['ema'], seed=0, half=half)(a), cv2.COLOR_RGB2BGR)
         assert np.array_equal(cv2.imread(str(out)), expected) == (half == dtype), half
+
+
+def test_default_tile_is_384_on_the_cpu(setup, capsys, monkeypatch):
+    """Without --tile the CPU tiles at 384 px (the 4K memory target, bench/README.md); a GPU's default is 512."""
+    from tpdiff_plugin.tools import deblur
+    assert deblur.DEFAULT_TILE == {'cpu': 384, 'cuda': 512}
+    seen = {}
+    real = Deblurrer.from_checkpoint.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen['tile'] = kwargs['tile']
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(Deblurrer, 'from_checkpoint', classmethod(spy))
+    assert _deblur('-i', setup['src'] / 'a.png', '-o', setup['tmp'] / 'd.png', '--weights', setup['weights'],
+                   '--opt', setup['opt'], '--device', 'cpu') == 0
+    assert seen['tile'] == 384 and 'tile 384' in capsys.readouterr().out
+    assert _deblur('-i', setup['src'] / 'a.png', '-o', setup['tmp'] / 'e.png', '--weights', setup['weights'],
+                   '--opt', setup['opt'], '--tile', 0) == 0
+    assert seen['tile'] is None and 'tile off' in capsys.readouterr().out

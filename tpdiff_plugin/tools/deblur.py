@@ -11,8 +11,8 @@ weights of every checkpoint it saves. ``--opt`` (the ``network_g`` block of a ba
 the training options) wins when given, and is needed for a checkpoint without stored options (older ones,
 or not saved by the plugin), for which the default is the paper-size ``TPDiffNet``. The weights are
 ``params_ema`` if the checkpoint has them, else ``params`` (``torch.load(weights_only=True)``).
-Images are processed in overlapping tiles (``--tile 512 --tile-overlap 32``; ``--tile 0`` for whole
-images), with the DM's initial noise drawn once per image from ``--seed`` and cropped per tile (see
+Images are processed in overlapping tiles (``--tile-overlap 32``; ``--tile`` 384 px on the CPU, where a 3840x2160
+photo then peaks under 4 GiB, and 512 px on a GPU; ``--tile 0`` for whole images), with the DM's initial noise drawn once per image from ``--seed`` and cropped per tile (see
 ``tpdiff_plugin.inference``), so memory is bounded by the tile and the result does not depend on the
 tiling beyond the blend.
 
@@ -32,11 +32,14 @@ from tqdm import tqdm
 
 from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, MAX_PIXELS, check_declared_size
 from tpdiff_plugin.inference import (Deblurrer, add_checkpoint_arguments, check_tiling, image_to_tensor,
-                                     tensor_to_image)
+                                     resolve_device, tensor_to_image)
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.precision import HALF_CHOICES
 
 COMMAND = 'deblur'
+# Per device type. CPU: one 384 px tile of the paper-size net peaks at 2.4 GiB RSS against 3.3 GiB at 512, for
+# about the same time per megapixel (bench/README.md, issue 10), so a 4K photo fits the 4 GiB target.
+DEFAULT_TILE = {'cpu': 384, 'cuda': 512}
 HELP = 'Deblur images (files, folders or globs) of any size with a trained TP-Diff checkpoint, tiled.'
 GLOB_CHARS = '*?['
 DEFAULT_MAX_MEGAPIXELS = MAX_PIXELS / 1e6  # 150 MP, the dataset limit: 1.8 GB as the float32 RGB input of tiling
@@ -48,9 +51,9 @@ def add_arguments(parser):
     parser.add_argument('-o', '--output', required=True, metavar='OUT',
                         help='output folder (created); or an image file name for a single input file')
     add_checkpoint_arguments(parser)
-    parser.add_argument('--tile', type=int, default=512,
+    parser.add_argument('--tile', type=int, default=None,
                         help='tile size in pixels, rounded down to the network size multiple; 0: whole images '
-                             '(default 512)')
+                             f'(default {DEFAULT_TILE["cpu"]} on the CPU, {DEFAULT_TILE["cuda"]} on a GPU)')
     parser.add_argument('--tile-overlap', type=int, default=32, help='overlap of neighbouring tiles (default 32)')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                         help='default: cuda when available, else cpu')
@@ -170,6 +173,8 @@ def write_image(path, img):
 
 
 def run(args):
+    if args.tile is None:
+        args.tile = DEFAULT_TILE[resolve_device(args.device).type]
     tile = args.tile if args.tile else None
     inputs = collect_inputs(args.input)
     single = len(args.input) == 1 and os.path.isfile(args.input[0])

@@ -15,7 +15,7 @@ import re
 
 from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, MAX_PIXELS
 from tpdiff_plugin.explain import explain_figure, explain_image, tpe_from_checkpoint
-from tpdiff_plugin.inference import (_resolve_device, add_checkpoint_arguments, check_tiling,
+from tpdiff_plugin.inference import (resolve_device, add_checkpoint_arguments, check_tiling,
                                      restorer_from_checkpoint)
 from tpdiff_plugin.tools.deblur import read_image, write_image
 from tpdiff_plugin.utils.errors import UserError
@@ -106,7 +106,7 @@ def run(args):
         img = read_image(args.input, max_pixels=MAX_PIXELS)
     except ValueError as e:
         raise UserError(f'-i: {args.input}: {e}') from None
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     net, tpe, stage, notes = load_networks(args.weights, args.opt, args.tpe, args.stage, args.param_key)
     result = explain_image(net, img, tpe=tpe, stage=stage, tile=tile, tile_overlap=args.tile_overlap,
                            seed=args.seed, device=device)
