@@ -35,6 +35,8 @@ from torch.nn import functional as F
 from basicsr.losses.gan_loss import GANLoss
 from basicsr.utils.registry import LOSS_REGISTRY
 
+from tpdiff_plugin.utils.option_files import is_number
+
 # pywt extension mode -> numpy.pad mode producing the same extended signal.
 _PAD_MODES = {
     'symmetric': 'symmetric',
@@ -114,10 +116,33 @@ class WaveletGANLoss(GANLoss):
         wavelet (str): PyWavelets wavelet name. Default 'haar'.
         mode (str): border extension, pywt's names. Default 'symmetric'.
         real_label_val, fake_label_val, loss_weight: as basicsr ``GANLoss``.
+        band_gain (float): not in the paper; D_W sees the bands multiplied by this (default 1: as they are).
+            Detail bands of [0, 1] images are a few hundredths in size, and Adam moves a weight by about the
+            learning rate per step, so a D_W at its initial scale needs hundreds of iterations before it tells a
+            blurry image's bands from a sharp one's; until then no discriminator pushes DN off the identity.
+            A gain of 10 lets it learn that in tens. It did not make training reliable, so every shipped file
+            keeps 1 (bench/README.md, round 7).
     """
 
     def __init__(self, gan_type='lsgan', wavelet='haar', mode='symmetric', real_label_val=1.0, fake_label_val=0.0,
-                 loss_weight=1.0):
+                 loss_weight=1.0, band_gain=1.0):
         super().__init__(gan_type, real_label_val=real_label_val, fake_label_val=fake_label_val,
                          loss_weight=loss_weight)
-        self.highpass = WaveletHighpass(wavelet, mode)
+        if not is_number(band_gain) or band_gain <= 0:
+            raise ValueError(f'wave_opt.band_gain: must be a number > 0, got {band_gain!r}')
+        dwt = WaveletHighpass(wavelet, mode)
+        self.highpass = dwt if band_gain == 1 else nn.Sequential(dwt, _Gain(band_gain))
+
+
+class _Gain(nn.Module):
+    """``x * gain`` (``WaveletGANLoss``'s band_gain)."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = float(gain)
+
+    def forward(self, x):
+        return x * self.gain
+
+    def extra_repr(self):
+        return f'gain={self.gain:g}'
