@@ -12,8 +12,9 @@ Rows (medians over interleaved repeats; machines are noisy, so only ratios from 
   machine (fp32 on CPU; bf16 on CUDA, the precision the networks run in there);
 - FM-MSA's deformable filter at 32x256x256: torchvision.ops.deform_conv2d against the grid_sample form
   (``deform_filter(impl='auto')`` uses grid_sample on CPU and torchvision on CUDA);
-- peak memory of one 512x512 tile of the paper-size network (CPU: RSS high-water mark of a fresh process)
-  and the estimate for a 3840x2160 photo deblurred with 512 tiles (tile peak + image-sized buffers);
+- peak memory of one tile of the paper-size network, at ``tpdiff deblur``'s default tile for the device (CPU 384,
+  GPU 512; CPU: RSS high-water mark of a fresh process) and the estimate for a 3840x2160 photo deblurred with
+  such tiles (tile peak + image-sized buffers);
 - one stage-2 training iteration of ``options/demo/stage2.yml`` (TPDiffModel built in-process with basicsr's
   ``build_model``, tiny synthetic data), split into data, G and D time; with ``--amp bf16`` the same iteration
   again under ``train.amp: bf16`` (extra rows: its G and D time and the fp32 / bf16 ratio of G + D).
@@ -43,7 +44,7 @@ ROW_NAMES = (
     'TP-Diff / Restormer time', 'TP-Diff / NAFNet-GoPro time', 'TP-Diff / Restormer params',
     'DM sampling share of TP-Diff', 'TP-Diff achieved throughput', 'dense matmul throughput',
     'TP-Diff / matmul throughput', 'deform filter torchvision', 'deform filter grid_sample',
-    'torchvision / grid_sample time', 'peak memory, one 512x512 tile', 'est. peak memory, 3840x2160 tiled',
+    'torchvision / grid_sample time', 'peak memory, one tile', 'est. peak memory, 3840x2160 tiled',
     'stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D',
 )
 # added after the stage-2 rows by --amp bf16
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument('--compile', action='store_true', help='CUDA: torch.compile the networks (guarded)')
     p.add_argument('--channels-last', action='store_true',
                    help='CPU: every network and input in channels_last (as Deblurrer runs TP-Diff on CPU; always on CUDA)')
-    p.add_argument('--no-memory', action='store_true', help='skip the 512x512 tile memory probe')
+    p.add_argument('--no-memory', action='store_true', help='skip the one-tile memory probe')
     p.add_argument('--no-train', action='store_true', help='skip the stage-2 training iteration')
     p.add_argument('--amp', default='none', choices=('none', 'bf16'),
                    help='also time the stage-2 training iteration under train.amp: bf16 (extra rows after fp32\'s)')
@@ -124,6 +125,7 @@ def main(argv=None):
     from tpdiff_plugin.archs.adaptive_filter import deform_filter
     from tpdiff_plugin.archs.peers_arch import PUBLISHED_CONFIGS
     from tpdiff_plugin.archs.ttformer_arch import TPDiffNet
+    from tpdiff_plugin.tools.deblur import DEFAULT_TILE
     from tpdiff_plugin.utils.errors import UserError
     from tpdiff_plugin.utils.measure import PeakMemory, count_macs, parse_size
     import logging
@@ -285,7 +287,7 @@ def main(argv=None):
               f'faster here: {faster}; deform_filter(impl="auto") uses {auto} on {device.type}')
 
     # ------------------------------------------------------------------ memory of one tile, 4K estimate
-    tile = 512
+    tile = DEFAULT_TILE[device.type]  # tpdiff deblur's default on this device
     ph, pw = -(-2160 // 8) * 8, -(-3840 // 8) * 8
     # image-sized buffers of `tpdiff deblur` on a 4K photo: 8-bit image in and out, float32 input, output
     # accumulator, float32 result and its rounding (numpy), float32 weight map, the DM noise at 1/4
@@ -293,7 +295,7 @@ def main(argv=None):
                    + tp.prior_ch * (ph // tp.prior_scale) * (pw // tp.prior_scale) * 4) / 2 ** 20
     if args.no_memory or args.quick:
         why = '--quick' if args.quick else '--no-memory'
-        table.skip(f'peak memory, one {tile}x{tile} tile', 'MiB', f'skipped ({why})')
+        table.skip('peak memory, one tile', 'MiB', f'skipped ({why})')
         table.skip('est. peak memory, 3840x2160 tiled', 'MiB', f'skipped ({why})')
     else:
         log(f'memory of one {tile}x{tile} tile (paper size)')
@@ -306,19 +308,19 @@ def main(argv=None):
             call('TP-Diff', xt, zt)
             torch.cuda.synchronize(device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-            table.add(f'peak memory, one {tile}x{tile} tile', peak, 'MiB', 'torch.cuda.max_memory_allocated - before, '
-                      'bf16 autocast')
+            table.add('peak memory, one tile', peak, 'MiB', f'{tile}x{tile}; torch.cuda.max_memory_allocated - '
+                      'before, bf16 autocast')
             table.add('est. peak memory, 3840x2160 tiled', peak + buffers_mib, 'MiB',
-                      f'tile peak + {buffers_mib:.0f} MiB of image-sized buffers (host and device)')
+                      f'{tile} px tiles: tile peak + {buffers_mib:.0f} MiB of image-sized buffers (host and device)')
         else:
             probe_res = benchlib.tile_memory_subprocess(tile, channels_last=args.channels_last)
-            table.add(f'peak memory, one {tile}x{tile} tile', probe_res['peak_mib'], 'MiB',
-                      f'RSS high-water mark of a fresh process, fp32; {probe_res["base_mib"]:.0f} MiB before the '
+            table.add('peak memory, one tile', probe_res['peak_mib'], 'MiB',
+                      f'{tile}x{tile}; RSS high-water mark of a fresh process, fp32; {probe_res["base_mib"]:.0f} MiB before the '
                       f'forward (torch + network); forward took {probe_res["seconds"]:.1f} s')
             total = probe_res['peak_mib'] + buffers_mib
             fits = 'fits in 24 GiB' if total < 24 * 1024 else 'does NOT fit in 24 GiB'
             table.add('est. peak memory, 3840x2160 tiled', total, 'MiB',
-                      f'tile peak + {buffers_mib:.0f} MiB of image-sized buffers (8-bit in/out, float input, '
+                      f'{tile} px tiles: tile peak + {buffers_mib:.0f} MiB of image-sized buffers (8-bit in/out, float input, '
                       f'accumulator, result, weight map, noise); {fits}')
 
     # ------------------------------------------------------------------ stage-2 training iteration
@@ -355,14 +357,14 @@ def main(argv=None):
     # ------------------------------------------------------------------ optional: a real 4K deblur
     if args.deblur_4k:
         from tpdiff_plugin.inference import Deblurrer
-        log('deblurring a synthetic 3840x2160 image, tile 512 (slow on CPU)')
+        log(f'deblurring a synthetic 3840x2160 image, tile {tile} (slow on CPU)')
         deblurrer = Deblurrer(TPDiffNet(), device=device, tile=tile, tile_overlap=32, half=cuda)
         img = torch.rand(1, 3, 2160, 3840)
         with PeakMemory(device) as peak:
             t0 = time.perf_counter()
             deblurrer(img, progress=lambda d, n: log(f'tile {d}/{n}'))
             seconds = time.perf_counter() - t0
-        table.add('deblur 3840x2160, tile 512', seconds, 's', 'paper size, tiled, overlap 32')
+        table.add('deblur 3840x2160, tiled', seconds, 's', f'paper size, tile {tile}, overlap 32')
         table.add('peak memory, 3840x2160 tiled', peak.mib, 'MiB', 'measured (process RSS high-water mark delta)'
                   if not cuda else 'measured (cuda max allocated delta)')
 
