@@ -16,10 +16,11 @@ from tpdiff_plugin.inference import Deblurrer  # noqa: E402
 from tpdiff_plugin.utils.checkpoint import save_networks  # noqa: E402
 from tpdiff_plugin.utils.option_files import load_options_file  # noqa: E402
 
-# options that change the weights' names or shapes (or, residual_lowpass, a stored buffer); the others (schedule, init, impl) are not in a state dict
+# options that change the weights' names or shapes (or, residual_lowpass and residual_notch, a stored buffer); the others (schedule, init, impl) are not in a state dict
 SHAPE_OPTIONS = ('in_ch', 'out_ch', 'dim', 'num_blocks', 'num_refinement_blocks', 'heads', 'bias', 'prior_ch',
                  'prior_hidden', 'multi_scale_prior', 'filter_kernel', 'offset_groups', 'use_dm', 'prior_scale',
-                 'dm_feats', 'dm_blocks', 'dm_cond_blocks', 'filter_type', 'tm_ffn_modulation', 'residual_lowpass')
+                 'dm_feats', 'dm_blocks', 'dm_cond_blocks', 'filter_type', 'tm_ffn_modulation', 'residual_lowpass',
+                 'residual_notch')
 
 
 def _random_net(block, seed=0):
@@ -74,6 +75,7 @@ VARIANTS = {
     'prior_scale_2_groups_2': dict(prior_scale=2, offset_groups=2, ffn_expansion_factor=2.66, heads=[1, 2, 2, 4]),
     'one_channel': dict(in_ch=1, out_ch=1, prior_ch=4),
     'residual_lowpass': dict(residual_lowpass=0.7),  # a buffer in the state dict, read back to the value
+    'residual_notch': dict(residual_lowpass=0.7, residual_notch=True),  # so is the notch's flag
 }
 
 

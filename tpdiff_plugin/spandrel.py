@@ -14,7 +14,8 @@ spandrel hands an architecture only the state dict (``params_ema``, else ``param
 (:func:`detect_options`): in_ch, dim, num_blocks, num_refinement_blocks, heads, ffn_expansion_factor (a value
 that gives the same hidden widths), bias, prior_ch, prior_hidden, multi_scale_prior, fm_msa / filter_type,
 filter_kernel, offset_groups, tm_ffn_modulation, use_dm, prior_scale, dm_feats, dm_blocks, dm_cond_blocks, and
-residual_lowpass (its ``residual_lowpass_sigma`` buffer; absent = 0). Not in the weights, so the defaults (those of every shipped options file) are assumed: dm_timesteps 8,
+residual_lowpass and residual_notch (the buffers ``residual_lowpass_sigma`` and ``residual_grid_notch``; absent =
+off). Not in the weights, so the defaults (those of every shipped options file) are assumed: dm_timesteps 8,
 dm_beta_start 0.1, dm_beta_end 0.99, and without a DM prior_scale 4. A state dict that looks like TPDiffNet's
 but that the detected network does not fit exactly is refused with ``spandrel.UnsupportedModelError``
 naming the keys.
@@ -121,6 +122,7 @@ def detect_options(sd):
                     dm_cond_blocks=get_seq_len(sd, 'dm.condition.blocks'))
     sigma = sd.get('residual_lowpass_sigma')  # the buffer exists only when the filter is on
     opts['residual_lowpass'] = 0 if sigma is None else round(float(sigma), 6)
+    opts['residual_notch'] = 'residual_grid_notch' in sd
     if opts.get('tm_ffn_modulation') == 'unknown':
         raise UnsupportedModelError(f'TPDiffNet: cannot tell where TM-FFN modulates from {prior}ffn.prior_convs')
     return opts

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tpdiff_plugin.archs.arch_util import (BinomialBlur, gaussian_lowpass, icnr_, pad_to_multiple, small_init_,
+from tpdiff_plugin.archs.arch_util import (BinomialBlur, gaussian_lowpass, grid_notch, icnr_, pad_to_multiple, small_init_,
                                            zero_init_)
 from tpdiff_plugin.archs.adaptive_filter import DEFORM_IMPLS, check_deform_impl
 
@@ -97,3 +97,32 @@ def test_gaussian_lowpass_impulse_response_is_the_normalised_gaussian(sigma):
     torch.testing.assert_close(gaussian_lowpass(const, sigma), const)
     stripes = torch.tensor([1., -1.]).repeat(8)[None, None, None].expand(1, 1, 16, 16)  # 2 px period: filtered out
     assert gaussian_lowpass(stripes, sigma)[..., 4:-4, 4:-4].abs().max() < (0.3 if sigma < 1 else 1e-3)
+
+
+def test_grid_notch_removes_the_2_and_4_pixel_periods_and_keeps_coarse_ones():
+    """[1, 2, 2, 2, 1]/8 per axis: zero response at periods 2 and 4 (either axis), cos(pi/8)·|sin(pi/2)/(4 sin(pi/8))|
+    at period 8, 1 for a constant, and the impulse response is the outer product of the taps."""
+    n = 64
+    t = torch.arange(n, dtype=torch.float32)
+
+    def wave(period, axis):
+        w = torch.cos(2 * math.pi * t / period)
+        return (w[None, :] if axis else w[:, None]).expand(n, n)[None, None].repeat(1, 2, 1, 1)
+
+    inner = (..., slice(8, -8), slice(8, -8))  # away from the reflect padding
+    for axis in (0, 1):
+        for period in (2, 4):
+            assert grid_notch(wave(period, axis))[inner].abs().max() < 1e-5
+        expected = math.cos(math.pi / 8) / (4 * math.sin(math.pi / 8))
+        torch.testing.assert_close(grid_notch(wave(8, axis))[inner], expected * wave(8, axis)[inner], atol=1e-5,
+                                   rtol=0)
+    checker = wave(4, 0) * wave(8, 1)  # a grid: period 4 down, 8 across
+    assert grid_notch(checker)[inner].abs().max() < 1e-5
+    const = torch.full((1, 3, 9, 11), 0.4)
+    torch.testing.assert_close(grid_notch(const), const)
+    x = torch.zeros(1, 1, 11, 11)
+    x[..., 5, 5] = 1
+    taps = torch.tensor([1., 2., 2., 2., 1.]) / 8
+    expected = torch.zeros(11, 11)
+    expected[3:8, 3:8] = taps[:, None] * taps[None]
+    torch.testing.assert_close(grid_notch(x)[0, 0], expected)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_net
 from tpdiff_plugin.archs.adaptive_filter import FILTER_TYPES, PriorDeformFilter
-from tpdiff_plugin.archs.arch_util import gaussian_lowpass
+from tpdiff_plugin.archs.arch_util import gaussian_lowpass, grid_notch
 from tpdiff_plugin.archs.tpe_arch import TexturePriorEncoder
 from tpdiff_plugin.archs.ttformer_arch import LayerNorm2d, TPDiffNet, TTformerBlock, rescale_prior, resize_prior
 
@@ -379,6 +379,28 @@ def test_residual_lowpass_checkpoints_load_only_into_the_same_filter():
         _net().load_state_dict(smooth.state_dict())
     with pytest.raises(RuntimeError, match='Missing key.*residual_lowpass_sigma'):
         smooth.load_state_dict(_net().state_dict())
+
+
+def test_residual_notch_filters_the_change_after_the_lowpass():
+    """residual_notch: out = lq + grid_notch(gaussian_lowpass(r)); the flag is a buffer, as the sigma is."""
+    plain = _net(residual_lowpass=1.0)
+    notched = _net(residual_lowpass=1.0, residual_notch=True)
+    assert set(notched.state_dict()) - set(plain.state_dict()) == {'residual_grid_notch'}
+    notched.load_state_dict({**plain.state_dict(), 'residual_grid_notch': torch.tensor(1.0)})
+    lq = torch.rand(2, 3, 32, 40)
+    prior = torch.randn(*plain.prior_shape(lq))
+    change = plain(lq, prior=prior) - lq
+    torch.testing.assert_close(notched(lq, prior=prior) - lq, grid_notch(change), atol=1e-6, rtol=1e-5)
+    assert change.abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match='Unexpected key.*residual_grid_notch'):
+        plain.load_state_dict(notched.state_dict())
+    with pytest.raises(RuntimeError, match='Missing key.*residual_grid_notch'):
+        notched.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match='residual_notch must be true or false'):
+        _net(residual_notch='yes')
+    net = _net(residual_notch=True)  # gradients still reach the whole U-Net
+    (net(lq, prior=prior) - torch.rand_like(lq)).abs().mean().backward()
+    _assert_all_grads(net, skip=('dm.',))
 
 
 @pytest.mark.parametrize('bad', [-1, 'wide', True, None])

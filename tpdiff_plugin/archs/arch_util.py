@@ -78,6 +78,21 @@ def gaussian_lowpass(x, sigma):
     return gaussian_blur(x, kernel_size=[size, size], sigma=[float(sigma), float(sigma)])
 
 
+def grid_notch(x):
+    """``x [B, C, H, W]`` filtered per channel by [1, 2, 2, 2, 1]/8 in both directions (reflect-padded, shape kept).
+
+    The shortest symmetric filter whose response is exactly zero at the 2- and 4-pixel periods (it is the 4-tap
+    box, zero at both, convolved with [1, 1]/2 to centre it): the periods at which a U-Net's 2x and 4x sampling
+    grids print checkerboards. Used for TPDiffNet's ``residual_notch``. Hand-written: torch and torchvision offer
+    Gaussian and box blurs, but no centred filter with these zeros.
+    """
+    taps = x.new_tensor([1., 2., 2., 2., 1.]) / 8
+    c = x.shape[1]
+    x = F.pad(x, (2, 2, 2, 2), mode='reflect')
+    x = F.conv2d(x, taps.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+    return F.conv2d(x, taps.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+
+
 class BinomialBlur(nn.Module):
     """The [1, 2, 1]/4 low-pass in both directions, per channel, reflect-padded: ``[B, C, H, W]`` kept.
 

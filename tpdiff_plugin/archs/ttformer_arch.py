@@ -34,7 +34,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tpdiff_plugin.archs.arch_util import gaussian_lowpass, icnr_, pad_to_multiple, zero_init_
+from tpdiff_plugin.archs.arch_util import gaussian_lowpass, grid_notch, icnr_, pad_to_multiple, zero_init_
 from tpdiff_plugin.archs.diffusion_arch import PriorDiffusion
 from tpdiff_plugin.archs.adaptive_filter import DeformFilterBase, check_deform_impl, check_filter_type
 from tpdiff_plugin.archs.fm_msa import FMMSA
@@ -190,7 +190,10 @@ class TPDiffNet(nn.Module):
     net's change to its input is band-limited to scales above about 2 sigma. When on, the sigma is stored as the buffer
     ``residual_lowpass_sigma``, so a checkpoint loads only into a network with the same filter. A demo-recipe option: on the CPU
     budget DN's change below ~3 px was measured to lower PSNR and SSIM while its coarse part raised both; see
-    bench/README.md, rounds 5 and 6).
+    bench/README.md, rounds 5 and 6), residual_notch (not in the paper; default false: after any lowpass, r is
+    filtered by ``arch_util.grid_notch``, which passes nothing at the 2- and 4-pixel periods where the U-Net's
+    sampling grids print checkerboards; stored as the buffer ``residual_grid_notch``; an experiment, off in
+    every shipped file, see bench/README.md, round 7).
     """
 
     #: option names of earlier releases -> today's (``utils/networks.py`` names the new one in its error)
@@ -204,7 +207,7 @@ class TPDiffNet(nn.Module):
                  dm_timesteps=8, deform_impl='auto', offset_groups=1, prior_hidden=16, dm_cond_blocks=2,
                  dm_beta_start=0.1, dm_beta_end=0.99, grad_checkpoint=False, identity_init=True,
                  icnr_init=True, filter_type='modulated_deform', tm_ffn_modulation='after_gate', prior_generator='dm',
-                 mem_slots=256, residual_lowpass=0):
+                 mem_slots=256, residual_lowpass=0, residual_notch=False):
         super().__init__()
         check_deform_impl(deform_impl)
         check_filter_type(filter_type)
@@ -221,6 +224,11 @@ class TPDiffNet(nn.Module):
         self.residual_lowpass = float(residual_lowpass)
         if self.residual_lowpass:  # in the state dict (only when on): a checkpoint says how its output is filtered
             self.register_buffer('residual_lowpass_sigma', torch.tensor(self.residual_lowpass))
+        if not isinstance(residual_notch, bool):
+            raise ValueError(f'residual_notch must be true or false, got {residual_notch!r}')
+        self.residual_notch = residual_notch
+        if residual_notch:  # recorded like residual_lowpass_sigma: a checkpoint says its output is notched
+            self.register_buffer('residual_grid_notch', torch.tensor(1.0))
         if len(num_blocks) != 4 or len(heads) != 4:
             raise ValueError('num_blocks and heads must have 4 entries (one per U-Net level)')
         self.prior_ch = prior_ch
@@ -315,7 +323,9 @@ class TPDiffNet(nn.Module):
         dec2 = self.decoder_level2(dec2, z2)
         dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1), z1)
         r = self.output(self.refinement(dec1, z1))
-        return gaussian_lowpass(r, self.residual_lowpass) if self.residual_lowpass else r
+        if self.residual_lowpass:
+            r = gaussian_lowpass(r, self.residual_lowpass)
+        return grid_notch(r) if self.residual_notch else r
 
     def forward(self, lq, prior=None, prior_target=None, detach_prior=False, return_prior=False, generator=None,
                 noise=None):
