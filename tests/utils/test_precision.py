@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tpdiff_plugin.utils.errors import UserError
-from tpdiff_plugin.utils.precision import half_dtype
+from tpdiff_plugin.utils.precision import half_dtype, logger
 
 CPU, CUDA = torch.device('cpu'), torch.device('cuda', 0)
 
@@ -16,6 +16,7 @@ def test_half_means_bf16_and_fp16_is_on_request():
 
 
 def test_a_gpu_without_bf16_falls_back_to_fp16_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(logger, 'propagate', True)  # basicsr's logger does not propagate to caplog once set up
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
     assert half_dtype(True, CUDA) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
