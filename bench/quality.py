@@ -335,8 +335,8 @@ def _train(model, loader_iter, iters, start, args, val, curve, name, model_start
             metrics, last = evaluate(_model_runner(model), val)
             curve.append({'iter': start + it - model_start, **metrics})
             if args.log_every:
-                print(f'  {name} [{start + it - model_start}] val ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()),
-                      file=sys.stderr, flush=True)
+                print(f'  {name} [{start + it - model_start}] val '
+                      + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()), file=sys.stderr, flush=True)
             if args.keep:
                 model.save(0, it)
             if not all(math.isfinite(v) for v in metrics.values()):

@@ -315,13 +315,14 @@ def main(argv=None):
         else:
             probe_res = benchlib.tile_memory_subprocess(tile, channels_last=args.channels_last)
             table.add('peak memory, one tile', probe_res['peak_mib'], 'MiB',
-                      f'{tile}x{tile}; RSS high-water mark of a fresh process, fp32; {probe_res["base_mib"]:.0f} MiB before the '
-                      f'forward (torch + network); forward took {probe_res["seconds"]:.1f} s')
+                      f'{tile}x{tile}; RSS high-water mark of a fresh process, fp32; '
+                      f'{probe_res["base_mib"]:.0f} MiB before the forward (torch + network); '
+                      f'forward took {probe_res["seconds"]:.1f} s')
             total = probe_res['peak_mib'] + buffers_mib
             fits = 'fits in 24 GiB' if total < 24 * 1024 else 'does NOT fit in 24 GiB'
             table.add('est. peak memory, 3840x2160 tiled', total, 'MiB',
-                      f'{tile} px tiles: tile peak + {buffers_mib:.0f} MiB of image-sized buffers (8-bit in/out, float input, '
-                      f'accumulator, result, weight map, noise); {fits}')
+                      f'{tile} px tiles: tile peak + {buffers_mib:.0f} MiB of image-sized buffers (8-bit in/out, '
+                      f'float input, accumulator, result, weight map, noise); {fits}')
 
     # ------------------------------------------------------------------ stage-2 training iteration
     stage2 = os.path.join(REPO, 'options', 'demo', 'stage2.yml')

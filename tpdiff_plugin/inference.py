@@ -46,7 +46,8 @@ from tpdiff_plugin.utils.option_files import find_options_file, load_options_fil
 from tpdiff_plugin.utils.precision import half_dtype
 
 __all__ = ['Deblurrer', 'build_restorer', 'load_weights', 'add_checkpoint_arguments', 'restorer_from_checkpoint',
-           'check_tiling', 'tile_starts', 'axis_windows', 'run_tiled', 'image_to_tensor', 'tensor_to_image']
+           'resolve_device', 'check_tiling', 'tile_starts', 'axis_windows', 'run_tiled', 'image_to_tensor',
+           'tensor_to_image']
 
 
 # ---------------------------------------------------------------------------------------------- network

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from tpdiff_plugin.archs.arch_util import (BinomialBlur, gaussian_lowpass, grid_notch, icnr_, pad_to_multiple, small_init_,
-                                           zero_init_)
+from tpdiff_plugin.archs.arch_util import (BinomialBlur, gaussian_lowpass, grid_notch, icnr_, pad_to_multiple,
+                                           small_init_, zero_init_)
 from tpdiff_plugin.archs.adaptive_filter import DEFORM_IMPLS, check_deform_impl
 
 

@@ -12,9 +12,9 @@ the training options) wins when given, and is needed for a checkpoint without st
 or not saved by the plugin), for which the default is the paper-size ``TPDiffNet``. The weights are
 ``params_ema`` if the checkpoint has them, else ``params`` (``torch.load(weights_only=True)``).
 Images are processed in overlapping tiles (``--tile-overlap 32``; ``--tile`` 384 px on the CPU, where a 3840x2160
-photo then peaks under 4 GiB, and 512 px on a GPU; ``--tile 0`` for whole images), with the DM's initial noise drawn once per image from ``--seed`` and cropped per tile (see
-``tpdiff_plugin.inference``), so memory is bounded by the tile and the result does not depend on the
-tiling beyond the blend.
+photo then peaks under 4 GiB, and 512 px on a GPU; ``--tile 0`` for whole images), with the DM's initial noise
+drawn once per image from ``--seed`` and cropped per tile (see ``tpdiff_plugin.inference``), so memory is bounded
+by the tile and the result does not depend on the tiling beyond the blend.
 
 Errors: bad options (missing weights, a checkpoint of another architecture, ``--tile <= 2 x overlap``,
 an output that would overwrite an input) stop before any work with one line. A file that cannot be
@@ -38,7 +38,7 @@ from tpdiff_plugin.utils.precision import HALF_CHOICES
 
 COMMAND = 'deblur'
 # Per device type. CPU: one 384 px tile of the paper-size net peaks at 2.4 GiB RSS against 3.3 GiB at 512, for
-# about the same time per megapixel (bench/README.md, issue 10), so a 4K photo fits the 4 GiB target.
+# about 5 % more time per megapixel (bench/README.md, issue 10), so a 4K photo fits the 4 GiB target.
 DEFAULT_TILE = {'cpu': 384, 'cuda': 512}
 HELP = 'Deblur images (files, folders or globs) of any size with a trained TP-Diff checkpoint, tiled.'
 GLOB_CHARS = '*?['
