@@ -45,8 +45,9 @@ ROW_NAMES = (
     'DM sampling share of TP-Diff', 'TP-Diff achieved throughput', 'dense matmul throughput',
     'TP-Diff / matmul throughput', 'deform filter torchvision', 'deform filter grid_sample',
     'torchvision / grid_sample time', 'peak memory, one tile', 'est. peak memory, 3840x2160 tiled',
-    'stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D',
 )
+TRAIN_ROW_NAMES = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
+ROW_NAMES += TRAIN_ROW_NAMES
 # added after the stage-2 rows by --amp bf16
 AMP_ROW_NAMES = ('stage-2 train iter bf16: G', 'stage-2 train iter bf16: D', 'stage-2 train iter G+D fp32 / bf16')
 
@@ -98,6 +99,12 @@ class Table:
             else:
                 text = f'{v:.4f}'
             print(f'{r["row"]:<36} | {text:>10} | {r["unit"]:<8} | {r["note"]}', flush=True)
+
+
+def skip_training_rows(table, amp, why):
+    """The stage-2 rows (and ``--amp bf16``'s) as skipped, with the units their values would have."""
+    for n in TRAIN_ROW_NAMES + (AMP_ROW_NAMES if amp == 'bf16' else ()):
+        table.skip(n, 'x' if n == AMP_ROW_NAMES[-1] else 'ms', why)
 
 
 def log(msg):
@@ -327,18 +334,16 @@ def main(argv=None):
     # ------------------------------------------------------------------ stage-2 training iteration
     stage2 = os.path.join(REPO, 'options', 'demo', 'stage2.yml')
     from basicsr.utils.registry import MODEL_REGISTRY
-    names = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
     skip = 'skipped (--no-train)' if args.no_train else None
     if not skip and (not os.path.isfile(stage2) or 'TPDiffModel' not in MODEL_REGISTRY):
         skip = 'skipped: options/demo/stage2.yml or the TPDiffModel registration is missing'
     if skip:
-        for n in names + (AMP_ROW_NAMES if args.amp == 'bf16' else ()):
-            table.skip(n, 'x' if n == AMP_ROW_NAMES[-1] else 'ms', skip)
+        skip_training_rows(table, args.amp, skip)
     else:
         iters = 3 if args.quick else 6
         log(f'stage-2 training, {iters} iterations (the first is a warm-up)')
         rows, batch, patch = benchlib.stage2_training_times(stage2, device, iters)
-        for n, key in zip(names, ('data', 'G', 'D')):
+        for n, key in zip(TRAIN_ROW_NAMES, ('data', 'G', 'D')):
             table.add(n, 1e3 * median(rows[key][1:]), 'ms',
                       f'demo/stage2.yml, batch {batch} x {patch}px, synthetic folder data, median of {iters - 1}')
         if args.amp == 'bf16':  # the same iteration again under train.amp: bf16, in the same process

@@ -194,3 +194,16 @@ def test_quality_warm_start_continues_a_kept_run_with_the_variants_options(tmp_p
         quality.parse_args(['--warm-start', f'{source}:3'])  # no such state
     with pytest.raises(SystemExit):
         quality.parse_args(['--warm-start', f'{source}:2', '--iters', '2'])  # nothing left to train
+
+
+def test_skipped_training_rows_keep_their_names_units_and_reason():
+    """--no-train (or no TPDiffModel): the stage-2 rows, and --amp bf16's, are printed as skipped with the units of
+    the values they stand for (ms; the fp32 / bf16 ratio in x) and the reason in the note."""
+    run = bench_module('run')
+    for amp, names in (('none', run.TRAIN_ROW_NAMES), ('bf16', run.TRAIN_ROW_NAMES + run.AMP_ROW_NAMES)):
+        table = run.Table()
+        run.skip_training_rows(table, amp, 'skipped (--no-train)')
+        assert [r['row'] for r in table.rows] == list(names)
+        assert [r['unit'] for r in table.rows] == ['ms'] * (len(names) - 1) + ['x' if amp == 'bf16' else 'ms']
+        assert all(r['value'] is None and r['note'] == 'skipped (--no-train)' for r in table.rows)
+    assert run.ROW_NAMES[-3:] == run.TRAIN_ROW_NAMES
