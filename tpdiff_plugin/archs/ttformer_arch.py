@@ -187,12 +187,12 @@ class TPDiffNet(nn.Module):
     mem_slots (their number of memory atoms / codebook entries; the memory-based two copy the TPE memory, so
     it must equal network_tpe.mem_slots), residual_lowpass (not in the paper; 0, the default, is off: a sigma in
     px by which the residual r is Gaussian-blurred before ``lq + r``, in training and inference alike, so the
-    net's change to its input is band-limited to scales above about 2 sigma. When on, the sigma is stored as the buffer
-    ``residual_lowpass_sigma``, so a checkpoint loads only into a network with the same filter. A demo-recipe option: on the CPU
-    budget DN's change below ~3 px was measured to lower PSNR and SSIM while its coarse part raised both; see
-    bench/README.md, rounds 5 and 6), residual_notch (not in the paper; default false: after any lowpass, r is
-    filtered by ``arch_util.grid_notch``, which passes nothing at the 2- and 4-pixel periods where the U-Net's
-    sampling grids print checkerboards; stored as the buffer ``residual_grid_notch``; an experiment, off in
+    net's change to its input is band-limited to scales above about 2 sigma. When on, the sigma is stored as the
+    buffer ``residual_lowpass_sigma``, so a checkpoint loads only into a network with the same filter. A demo-recipe
+    option: on the CPU budget DN's change below ~3 px was measured to lower PSNR and SSIM while its coarse part
+    raised both; see bench/README.md, rounds 5 and 6), residual_notch (not in the paper; default false: after any
+    lowpass, r is filtered by ``arch_util.grid_notch``, which passes nothing at the 2- and 4-pixel periods where the
+    U-Net's sampling grids print checkerboards; stored as the buffer ``residual_grid_notch``; an experiment, off in
     every shipped file, see bench/README.md, round 7).
     """
 
@@ -220,7 +220,8 @@ class TPDiffNet(nn.Module):
         if out_ch != in_ch:
             raise ValueError(f'out_ch ({out_ch}) must equal in_ch ({in_ch}): the output is lq + residual')
         if not is_number(residual_lowpass) or residual_lowpass < 0:
-            raise ValueError(f'residual_lowpass must be a number >= 0 (a sigma in px; 0 = off), got {residual_lowpass!r}')
+            raise ValueError('residual_lowpass must be a number >= 0 (a sigma in px; 0 = off), '
+                             f'got {residual_lowpass!r}')
         self.residual_lowpass = float(residual_lowpass)
         if self.residual_lowpass:  # in the state dict (only when on): a checkpoint says how its output is filtered
             self.register_buffer('residual_lowpass_sigma', torch.tensor(self.residual_lowpass))

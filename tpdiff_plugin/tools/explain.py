@@ -15,7 +15,7 @@ import re
 
 from tpdiff_plugin.data.image_checks import IMAGE_EXTENSIONS, MAX_PIXELS
 from tpdiff_plugin.explain import explain_figure, explain_image, tpe_from_checkpoint
-from tpdiff_plugin.inference import (resolve_device, add_checkpoint_arguments, check_tiling,
+from tpdiff_plugin.inference import (add_checkpoint_arguments, check_tiling, resolve_device,
                                      restorer_from_checkpoint)
 from tpdiff_plugin.tools.deblur import read_image, write_image
 from tpdiff_plugin.utils.errors import UserError
