@@ -58,6 +58,17 @@ def tiny_net(seed=0, **overrides):
     return TPDiffNet(**kwargs)
 
 
+def texture_pair(n=4, size=32):
+    """``(sharp, blurry)``, each ``[n, 3, size, size]``: grey noise textures whose detail is a few hundredths in
+    size, as in photos, and their copies blurred by the binomial [1, 4, 6, 4, 1]/16 (reflect-padded). Drawn from
+    torch's global generator: the discriminator learning tests tell the two apart."""
+    sharp = 0.5 + 0.05 * torch.randn(n, 3, size, size)
+    taps = torch.tensor([1., 4., 6., 4., 1.]) / 16
+    blurry = torch.nn.functional.pad(sharp, (2, 2, 2, 2), mode='reflect').flatten(0, 1)[:, None]
+    blurry = torch.nn.functional.conv2d(blurry, taps.view(1, 1, 1, 5))
+    return sharp, torch.nn.functional.conv2d(blurry, taps.view(1, 1, 5, 1)).view_as(sharp)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from basicsr.losses import build_loss
+from conftest import texture_pair
 from basicsr.losses.gan_loss import GANLoss
 from tpdiff_plugin.losses.wavelet_loss import WaveletGANLoss, WaveletHighpass
 
@@ -136,13 +137,9 @@ def _d_w_loss_after(gain, steps=60):
     hp = WaveletGANLoss(band_gain=gain).highpass
     d = build_network({'type': 'PatchDiscriminator', 'in_ch': 9, 'base_ch': 8, 'num_layers': 2})
     opt = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
-    blur = torch.tensor([1., 4., 6., 4., 1.]) / 16
     losses = []
     for _ in range(steps):
-        sharp = 0.5 + 0.05 * torch.randn(4, 3, 32, 32)  # detail a few hundredths in size, as in photos
-        blurry = nn.functional.conv2d(nn.functional.pad(sharp, (2, 2, 2, 2), mode='reflect').flatten(0, 1)[:, None],
-                                      blur.view(1, 1, 1, 5))
-        blurry = nn.functional.conv2d(blurry, blur.view(1, 1, 5, 1)).view_as(sharp)
+        sharp, blurry = texture_pair()
         real = hp(sharp).requires_grad_(True)
         pred_real, pred_fake = d(real), d(hp(blurry))
         loss = ((pred_real - 1) ** 2).mean() / 2 + (pred_fake ** 2).mean() / 2

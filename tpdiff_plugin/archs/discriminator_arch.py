@@ -10,15 +10,23 @@ a 70x70 input window. The same class judges sharp images (D_S, 3 channels), blur
 which is what the generator learns from, has a period-2 structure that a generator copies into its output
 as a checkerboard; the blur removes that structure.
 
+``highpass_gain`` (option, default 0: off, the paper's PatchGAN) also feeds the first conv the input's detail,
+``gain * (x - gaussian_lowpass(x, highpass_sigma))``, next to the input itself (2 x ``in_ch`` channels). Blurry and
+sharp photos differ by a few hundredths in that detail; at gain 1 a spectrally normalised D needs hundreds of Adam
+steps to amplify it and sits at chance meanwhile (bench/README.md, round 8), while at gain 10 it tells them apart
+within tens of steps. R1 penalises the gradient with respect to the image, which the gain multiplies: scale
+``train.r1_weight`` by about 1 / gain**2 to keep the same smoothness.
+
 Shapes: [B, in_ch, H, W] -> [B, 1, H / 2**num_layers - 2, W / 2**num_layers - 2] (floored per stride);
 the input needs H, W >= 3 * 2**num_layers (24 px for num_layers=3).
 """
+import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from tpdiff_plugin.archs.arch_util import BinomialBlur
+from tpdiff_plugin.archs.arch_util import BinomialBlur, gaussian_lowpass
 
 _NORMS = ('spectral', 'instance', 'none')
 
@@ -34,13 +42,21 @@ class PatchDiscriminator(nn.Module):
         norm (str): 'spectral' (spectral norm on every conv, no feature norm), 'instance'
             (InstanceNorm after every conv but the first and last, as CycleGAN) or 'none'.
         blur_pool (bool): blur before every stride-2 conv (anti-aliasing; see the module docstring).
+        highpass_gain (float): > 0 adds ``highpass_gain * (x - gaussian_lowpass(x, highpass_sigma))`` as extra input
+            channels (see the module docstring); 0 (default) is the plain PatchGAN.
+        highpass_sigma (float): the Gaussian's sigma in px for ``highpass_gain``.
     """
 
     #: option names of earlier releases -> today's (``utils/networks.py`` names the new one in its error)
     RENAMED_OPTIONS = {'n_layers': 'num_layers'}
 
-    def __init__(self, in_ch=3, base_ch=64, num_layers=3, norm='spectral', blur_pool=False):
+    def __init__(self, in_ch=3, base_ch=64, num_layers=3, norm='spectral', blur_pool=False, highpass_gain=0.,
+                 highpass_sigma=1.):
         super().__init__()
+        if highpass_gain < 0 or highpass_sigma <= 0:
+            raise ValueError('PatchDiscriminator: highpass_gain must be >= 0 and highpass_sigma > 0, got '
+                             f'{highpass_gain} and {highpass_sigma}')
+        self.highpass_gain, self.highpass_sigma = float(highpass_gain), float(highpass_sigma)
         if norm not in _NORMS:
             raise ValueError(f'PatchDiscriminator: norm must be one of {_NORMS}, got "{norm}"')
         if num_layers < 1:
@@ -57,7 +73,7 @@ class PatchDiscriminator(nn.Module):
             return layers
 
         chs = [base_ch * min(2**i, 8) for i in range(num_layers + 1)]
-        layers = block(in_ch, chs[0], 2, feature_norm=False)
+        layers = block(in_ch * (2 if highpass_gain else 1), chs[0], 2, feature_norm=False)
         for i in range(1, num_layers):
             layers += block(chs[i - 1], chs[i], 2, feature_norm=True)
         layers += block(chs[num_layers - 1], chs[num_layers], 1, feature_norm=True)
@@ -70,4 +86,6 @@ class PatchDiscriminator(nn.Module):
             raise ValueError(f'PatchDiscriminator(num_layers={self.num_layers}) needs inputs of at least '
                              f'{min_size}x{min_size} px, got {tuple(x.shape[-2:])}; use a larger patch '
                              '(gt_size) or fewer num_layers')
+        if self.highpass_gain:
+            x = torch.cat([x, self.highpass_gain * (x - gaussian_lowpass(x, self.highpass_sigma))], dim=1)
         return self.body(x)
