@@ -64,6 +64,9 @@ SHIPPED = {
     'network_rb.kernel_size': 0, 'train.gan_sharp_opt': None, 'train.cycle_sharp_opt': None,
     'train.wave_opt.loss_weight': 0.2, 'train.sharp_cycle_trains_rb': True, 'train.r1_weight': 0,
     'network_g.residual_lowpass': 0,  # DN's whole change, as the paper's network (round 6 band-limited it)
+    # round 8: the plain D_S / D_B, one R1 weight (the first recipe had none), DN at D's learning rate
+    'network_g.residual_notch': False, 'network_d_sharp.highpass_gain': 0, 'network_d_blur.highpass_gain': 0,
+    'train.optim_g.lr': 2e-4,
 }
 # the structural changes, as they appear in the demo options
 CHANGES = {
