@@ -69,6 +69,28 @@ def texture_pair(n=4, size=32):
     return sharp, torch.nn.functional.conv2d(blurry, taps.view(1, 1, 5, 1)).view_as(sharp)
 
 
+def d_separation_loss(d, view=lambda x: x, r1_weight=0., steps=60):
+    """Trains discriminator ``d`` (Adam 2e-4, betas (0.5, 0.999), LSGAN) for ``steps`` to tell ``view`` of sharp
+    ``texture_pair`` textures (real) from ``view`` of their blurred copies (fake), with the R1 penalty
+    ``r1_weight / 2 * |grad D(real)|^2`` when > 0; returns its LSGAN loss over the last 10 steps (0.25 = chance)."""
+    opt = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
+    losses = []
+    for _ in range(steps):
+        sharp, blurry = texture_pair()
+        real = view(sharp).requires_grad_(r1_weight > 0)
+        pred_real, pred_fake = d(real), d(view(blurry))
+        loss = ((pred_real - 1) ** 2).mean() / 2 + (pred_fake ** 2).mean() / 2
+        total = loss
+        if r1_weight > 0:
+            grad, = torch.autograd.grad(pred_real.sum(), real, create_graph=True)
+            total = loss + r1_weight / 2 * grad.square().sum(dim=(1, 2, 3)).mean()
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-10:]) / 10
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
