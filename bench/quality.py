@@ -41,6 +41,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -248,6 +249,13 @@ def _warm_start(model, stage1_work, iters):
         for group, (lr, initial) in zip(optimizer.param_groups, own):
             group['lr'], group['initial_lr'] = lr, initial
     model.load_extra_training_state({k: v for k, v in state.items() if k != 'rng_states'})
+    # basicsr steps the schedulers once per iteration after the first, so iteration ITER + 1 must find them stepped
+    # ITER - 1 times: then a milestone (or a cosine period) counts in the run's own iterations, not from the warm start
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler.step()` before')
+        for scheduler in model.schedulers:
+            for _ in range(iters - 1):
+                scheduler.step()
 
 
 def _loader(dataset_opt, seed):

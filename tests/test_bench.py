@@ -168,7 +168,9 @@ def test_quality_training_loop_steps_the_options_scheduler(monkeypatch):
 
 def test_quality_warm_start_continues_a_kept_run_with_the_variants_options(tmp_path):
     """--warm-start DIR:ITER: the networks, Adam moments and step counts of a --keep run at ITER carry on, the curve
-    picks up at ITER (with the kept networks' score there), and the variant's own learning rate applies."""
+    picks up at ITER (with the kept networks' score there), and the variant's own learning rate and schedule apply,
+    the schedule counted in the run's iterations (a milestone at 3 halves the rate from iteration 4 on, as in a run
+    from scratch)."""
     import torch
     quality = bench_module('quality')
     keep, warm = tmp_path / 'keep', tmp_path / 'warm'
@@ -176,7 +178,8 @@ def test_quality_warm_start_continues_a_kept_run_with_the_variants_options(tmp_p
     assert quality.main(['--variants', 'recipe', '--iters', '2', '--keep', str(keep), '--json',
                          str(tmp_path / 'a.json'), *common]) == 0
     source = keep / 'recipe-s1'
-    assert quality.main(['--define', 'slow=recipe,train.optim_g.lr=1e-5', '--variants', 'slow', '--iters', '4',
+    slow = 'slow=recipe,train.optim_g.lr=1e-5,train.scheduler={type: MultiStepLR, milestones: [3], gamma: 0.5}'
+    assert quality.main(['--define', slow, '--variants', 'slow', '--iters', '4',
                          '--data', str(keep / 'demo-matched'), '--warm-start', f'{source}:2', '--keep', str(warm),
                          '--json', str(tmp_path / 'b.json'), *common]) == 0
     first = json.loads((tmp_path / 'a.json').read_text())['variants'][0]['curve']
@@ -187,7 +190,8 @@ def test_quality_warm_start_continues_a_kept_run_with_the_variants_options(tmp_p
     state = torch.load(warm / 'slow-s1' / 'training_states' / '4.state', weights_only=True)
     adam = state['optimizers'][0]
     assert {float(s['step']) for s in adam['state'].values()} == {4.0}  # 2 kept + 2 new steps, not 2
-    assert adam['param_groups'][0]['lr'] == 1e-5
+    assert adam['param_groups'][0]['lr'] == pytest.approx(0.5e-5)  # the variant's 1e-5, halved at the milestone
+    assert state['optimizers'][1]['param_groups'][0]['lr'] == pytest.approx(1e-4)  # D: the options' 2e-4, halved
     assert sorted(os.listdir(warm / 'slow-s1' / 'models')) == sorted(
         n.replace('_2.pth', '_4.pth') for n in os.listdir(source / 'models') if n.endswith('_2.pth'))
     with pytest.raises(SystemExit):
