@@ -192,8 +192,8 @@ class TPDiffNet(nn.Module):
     option: on the CPU budget DN's change below ~3 px was measured to lower PSNR and SSIM while its coarse part
     raised both; see bench/README.md, rounds 5 and 6), residual_notch (not in the paper; default false: after any
     lowpass, r is filtered by ``arch_util.grid_notch``, which passes nothing at the 2- and 4-pixel periods where the
-    U-Net's sampling grids print checkerboards; stored as the buffer ``residual_grid_notch``; an experiment, off in
-    every shipped file, see bench/README.md, round 7).
+    U-Net's sampling grids print checkerboards; stored as the buffer ``residual_grid_notch``; a demo-recipe option
+    since round 8, off in the paper files, see bench/README.md, rounds 7 and 8).
     """
 
     #: option names of earlier releases -> today's (``utils/networks.py`` names the new one in its error)
