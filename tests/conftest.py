@@ -102,6 +102,10 @@ def run_cmd(args, cwd, timeout=600, env=None):
     if args[0] in ('basicsr', 'tpdiff', 'torchrun'):
         args = [str(BIN / args[0])] + list(args[1:])
     full_env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    if args[0].endswith('torchrun'):
+        # the torchrun tests are two CPU processes on gloo; on a one-GPU machine both ranks saw the GPU and
+        # failed in basicsr's model_to_device (bench/gpu_check.sh, 2026-11-27), which is not what they test
+        full_env['CUDA_VISIBLE_DEVICES'] = ''
     full_env.update(env or {})
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
