@@ -8,6 +8,8 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 rm -rf .whl && mkdir .whl
 # basicsr ships only an sdist whose setup.py imports torch: build a pure-Python wheel with our venv.
 .venv/bin/pip wheel -q --no-deps --no-build-isolation basicsr==1.4.2 -w .whl
+# the plugin itself, for its console scripts: `pip install -e .` there wants setuptools from the network
+.venv/bin/pip wheel -q --no-deps --no-build-isolation . -w .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \

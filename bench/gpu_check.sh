@@ -22,6 +22,8 @@ TEST_S=${TEST_S:-270}; QUALITY_S=${QUALITY_S:-290}; BENCH_S=${BENCH_S:-150}
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl || exit 1
 fi
+# the plugin's wheel brings its console scripts (tpdiff, basicsr); the working tree's code wins over the wheel's copy
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi --query-gpu=name,memory.total --format=csv
   $PY -c 'import torch, tpdiff_plugin; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 } 2>&1 | tee "$OUT/gpu.txt"
