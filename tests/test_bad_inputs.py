@@ -212,6 +212,10 @@ def _rename(opt, old, new):
      'such file or folder: missing.lmdb'),
     (lambda o: o['train'].update(max_bad_iters=0), 'train.max_bad_iters must be a positive integer, got 0'),
     (lambda o: o.update(num_gpu=64), 'num_gpu is 64 but this machine has'),
+    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': [1], 'restart_weights': [1]}),
+     'train.scheduler.periods add up to 1, fewer than train.total_iter (2)'),
+    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': 2, 'restart_weights': [1]}),
+     'train.scheduler.periods must be a list of positive iteration counts, got 2'),
 ])
 def test_basicsr_train_refuses_bad_options(in_tmp, demo_data, capsys, mutate, culprit):
     opt = _train_opt(in_tmp, demo_data)
@@ -221,6 +225,15 @@ def test_basicsr_train_refuses_bad_options(in_tmp, demo_data, capsys, mutate, cu
     line = one_line_error(capsys)
     assert str(path) in line and culprit in line, line
     assert not (in_tmp / 'experiments').exists()  # refused before anything was created
+
+
+def test_a_cosine_schedule_that_covers_total_iter_passes(in_tmp, demo_data):
+    from tpdiff_plugin.option_check import validate_options
+    opt = _train_opt(in_tmp, demo_data)
+    for periods in ([2], [1, 1], [5]):
+        opt['train']['scheduler'] = {'type': 'CosineAnnealingRestartLR', 'periods': periods,
+                                     'restart_weights': [1] * len(periods)}
+        validate_options(opt, 'x.yml')  # no error
 
 
 def test_unknown_keys_of_upstream_models_are_left_to_basicsr(tmp_path):

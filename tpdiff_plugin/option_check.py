@@ -151,6 +151,23 @@ def _check_numbers(opt, model, source):
                 raise UserError(f'{source}: train.{option}.lr must be a number >= 0, got {lr!r}{hint}')
 
 
+def _check_scheduler(opt, source):
+    """basicsr's ``CosineAnnealingRestartLR`` has no learning rate past its last period: it fails with a TypeError
+    deep in the training loop at that iteration. So its periods must cover ``train.total_iter``."""
+    train = opt.get('train') or {}
+    scheduler, total = train.get('scheduler'), train.get('total_iter')
+    if not (isinstance(scheduler, dict) and scheduler.get('type') == 'CosineAnnealingRestartLR' and is_number(total)):
+        return
+    periods = scheduler.get('periods')
+    if not (isinstance(periods, list) and periods and all(is_number(p) and p > 0 for p in periods)):
+        raise UserError(f'{source}: train.scheduler.periods must be a list of positive iteration counts, '
+                        f'got {periods!r}')
+    if sum(periods) < total:
+        raise UserError(f'{source}: train.scheduler.periods add up to {sum(periods)}, fewer than train.total_iter '
+                        f'({total}); a cosine schedule has no learning rate after its last period, so make them '
+                        f'add up to at least {total}')
+
+
 def _check_datasets(opt, source):
     datasets = opt.get('datasets') or {}
     if not isinstance(datasets, dict):
@@ -211,6 +228,7 @@ def validate_schema(opt, source):
         return
     _check_keys(opt, model, source)
     _check_numbers(opt, model, source)
+    _check_scheduler(opt, source)
     _check_datasets(opt, source)
     _check_network_choices(opt, source)
     _check_prior_shapes(opt, source)
