@@ -188,8 +188,13 @@ def _set(opt, dotted, value):
         node[keys[-1]] = value
 
 
-def build_options(path, overrides, stage, data_root, work, name, num_gpu=0):
-    """The options of ``path`` with the variant's overrides, pointed at ``data_root`` and ``work``."""
+def build_options(path, overrides, stage, data_root, work, name, num_gpu=0, iters=None):
+    """The options of ``path`` with the variant's overrides, pointed at ``data_root`` and ``work``.
+
+    ``iters`` (this stage's budget in the run) becomes ``train.total_iter``. A cosine schedule whose periods
+    add up to the file's ``total_iter`` (a decay over the whole budget) is stretched to ``iters`` in proportion,
+    so it still ends at the end of the run; periods a variant spells out for another length are kept as given.
+    """
     import yaml
     with open(path, encoding='utf-8') as f:
         opt = yaml.safe_load(f)
@@ -201,6 +206,8 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0):
                 continue
             key = key[3:]
         _set(opt, key, copy.deepcopy(value))
+    if iters:
+        _fit_schedule(opt['train'], iters)
     opt.update(name=name, is_train=True, dist=False, rank=0, world_size=1, num_gpu=num_gpu, auto_resume=False)
     train = opt['datasets']['train']
     train.update(phase='train', scale=1, num_worker_per_gpu=0,
@@ -217,6 +224,16 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0):
                    or (k.startswith(('pretrain_network', 'resume_optim')) and v)}
     opt['path'].update(models=models, training_states=states, resume_state=None, visualization=work)
     return opt
+
+
+def _fit_schedule(train, iters):
+    scheduler, total = train.get('scheduler') or {}, train.get('total_iter')
+    periods = scheduler.get('periods')
+    if scheduler.get('type') == 'CosineAnnealingRestartLR' and periods and sum(periods) == total != iters:
+        scaled = [max(1, round(p * iters / total)) for p in periods]
+        scaled[-1] += iters - sum(scaled)  # rounding: the periods add up to the budget exactly
+        scheduler['periods'] = scaled
+    train['total_iter'] = iters
 
 
 def _stage1_paths(opt2, stage1_work, iters, every_network=False):
@@ -378,8 +395,10 @@ def run_variant(name, spec, args, data_roots, work):
         return {'name': name, 'kind': kind, 'curve': curve, 'seconds': 0.0, 'images': images}
     total = args.iters + args.stage2_iters
     num_gpu = 1 if args.device == 'cuda' else 0
-    opt = build_options(args.stage1_opt, spec, 1, data_root, work, f'{name}-s1', num_gpu)
-    if kind in ('cycle', 'supervised'):
+    one_stage = kind in ('cycle', 'supervised')  # they train the whole budget in one run
+    opt = build_options(args.stage1_opt, spec, 1, data_root, work, f'{name}-s1', num_gpu,
+                        iters=total if one_stage else args.iters)
+    if one_stage:
         opt['network_g']['use_dm'] = False
         for key in ('network_tpe', 'stage'):
             opt.pop(key, None)
@@ -413,7 +432,8 @@ def run_variant(name, spec, args, data_roots, work):
         images = _train(model, loader, args.iters - warm, warm, args, val, curve, name, model_start=warm) or images
         if args.stage2_iters > 0:
             model.save(0, args.iters)
-            opt2 = build_options(args.stage2_opt, spec, 2, data_root, work, f'{name}-s2', num_gpu)
+            opt2 = build_options(args.stage2_opt, spec, 2, data_root, work, f'{name}-s2', num_gpu,
+                                 iters=args.stage2_iters)
             _stage1_paths(opt2, os.path.join(work, f'{name}-s1'), args.iters)
             set_random_seed(args.seed + 1)
             model = build_model(opt2)

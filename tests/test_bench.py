@@ -89,6 +89,19 @@ def test_quality_variant_definitions():
         quality.define_variants(['y=nope,train.r1_weight=1'], quality.VARIANTS)
 
 
+def test_quality_stretches_a_whole_budget_cosine_to_the_runs_budget():
+    quality = bench_module('quality')
+    cos = {'type': 'CosineAnnealingRestartLR', 'periods': [300, 100], 'restart_weights': [1, 1]}
+    opt = quality.build_options(quality.STAGE1, {'train.scheduler': cos}, 1, '/data', '/tmp/q-test', 'v', iters=1001)
+    assert opt['train']['total_iter'] == 1001 and opt['train']['scheduler']['periods'] == [751, 250]
+    # periods spelled out for another length stay as given; other schedulers are left alone
+    own = dict(cos, periods=[2000])
+    opt = quality.build_options(quality.STAGE1, {'train.scheduler': own}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
+    assert opt['train']['scheduler']['periods'] == [2000] and opt['train']['total_iter'] == 1000
+    opt = quality.build_options(quality.STAGE1, {}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
+    assert opt['train']['scheduler']['type'] == 'MultiStepLR' and 'periods' not in opt['train']['scheduler']
+
+
 def test_quality_coarse_part_keeps_only_the_coarse_change():
     """coarse_part: a uniform change passes whole, a 2-px checkerboard change is removed, and the input is its own
     coarse part."""
