@@ -60,10 +60,11 @@ if [[ $STEPS == *3* ]]; then
    echo "exit $?" >> "$OUT/quality_paper.log") &
   pids+=($!)
   COS="train.scheduler={type: CosineAnnealingRestartLR, periods: [$ITERS], restart_weights: [1], eta_min: 1.0e-7}"
+  DEMO_EVERY=$(( ITERS >= 4 ? ITERS / 4 : 1 ))
   for seed in 12 13; do
     (timeout $QUALITY_S $PY bench/quality.py --device $DEVICE --data "$DATA" --seed $seed \
       --define "cos=recipe,$COS" --variants recipe,cos --jobs 2 --threads 1 --iters $ITERS --stage2-iters 0 \
-      --eval-every $((ITERS / 4)) --log-every $((ITERS / 4)) > "$OUT/quality_demo_s$seed.log" 2>&1;
+      --eval-every $DEMO_EVERY --log-every $DEMO_EVERY > "$OUT/quality_demo_s$seed.log" 2>&1;
      echo "exit $?" >> "$OUT/quality_demo_s$seed.log") &
     pids+=($!)
   done
