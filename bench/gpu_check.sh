@@ -56,7 +56,8 @@ if [[ $STEPS == *3* ]]; then
     --define "paper=recipe,$PATCH" \
     --define "paper_demo_recipe=paper,$DR" --define "paper_supervised=supervised,$PATCH" \
     --variants paper,paper_demo_recipe,paper_supervised --jobs 3 --threads 2 \
-    --iters $PAPER_ITERS --stage2-iters $((PAPER_ITERS / 3)) --eval-every $EVERY --log-every $EVERY --json "$OUT/quality_paper.json" > "$OUT/quality_paper.log" 2>&1;
+    --iters $PAPER_ITERS --stage2-iters $((PAPER_ITERS / 3)) --eval-every $EVERY --log-every $EVERY \
+    --json "$OUT/quality_paper.json" > "$OUT/quality_paper.log" 2>&1;
    echo "exit $?" >> "$OUT/quality_paper.log") &
   pids+=($!)
   COS="train.scheduler={type: CosineAnnealingRestartLR, periods: [$ITERS], restart_weights: [1], eta_min: 1.0e-7}"

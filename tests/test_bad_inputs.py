@@ -212,9 +212,11 @@ def _rename(opt, old, new):
      'such file or folder: missing.lmdb'),
     (lambda o: o['train'].update(max_bad_iters=0), 'train.max_bad_iters must be a positive integer, got 0'),
     (lambda o: o.update(num_gpu=64), 'num_gpu is 64 but this machine has'),
-    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': [1], 'restart_weights': [1]}),
+    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': [1],
+                                            'restart_weights': [1]}),
      'train.scheduler.periods add up to 1, fewer than train.total_iter (2)'),
-    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': 2, 'restart_weights': [1]}),
+    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': 2,
+                                            'restart_weights': [1]}),
      'train.scheduler.periods must be a list of positive iteration counts, got 2'),
 ])
 def test_basicsr_train_refuses_bad_options(in_tmp, demo_data, capsys, mutate, culprit):
