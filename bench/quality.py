@@ -393,6 +393,7 @@ def run_variant(name, spec, args, data_roots, work):
     curve.append({'iter': 0, **identity_metrics})
     if kind == 'identity':
         return {'name': name, 'kind': kind, 'curve': curve, 'seconds': 0.0, 'images': images}
+    result = {'name': name, 'kind': kind}
     total = args.iters + args.stage2_iters
     num_gpu = 1 if args.device == 'cuda' else 0
     one_stage = kind in ('cycle', 'supervised')  # they train the whole budget in one run
@@ -437,8 +438,16 @@ def run_variant(name, spec, args, data_roots, work):
             _stage1_paths(opt2, os.path.join(work, f'{name}-s1'), args.iters)
             set_random_seed(args.seed + 1)
             model = build_model(opt2)
+            # scored before any stage-2 step: the change from stage 1's last point is the prior's alone (stage 1
+            # validates with the TPE memory's prior, stage 2 with its DM's sample); round 9 found the drop there
+            handover, _ = evaluate(_model_runner(model), val)
+            result['stage2_start'] = {'iter': args.iters, **handover}
+            if args.log_every:
+                print(f'  {name} [{args.iters}] stage 2 before training: '
+                      + ' '.join(f'{k}={v:.4f}' for k, v in handover.items()), file=sys.stderr, flush=True)
             images = _train(model, loader, args.stage2_iters, args.iters, args, val, curve, name) or images
-    return {'name': name, 'kind': kind, 'curve': curve, 'seconds': time.time() - t0, 'images': images}
+    result.update(curve=curve, seconds=time.time() - t0, images=images)
+    return result
 
 
 def _run_in_child(name, spec, args, data_roots, work):
@@ -540,6 +549,8 @@ def _report_one(r):
         return
     curve = ' '.join(f'{c["iter"]}:{c["psnr"]:.2f}/{c["artifact_db"]:+.1f}' for c in r['curve'])
     print(f'  done: {r["name"]} ({r["seconds"] / 60:.1f} min) PSNR/artifact dB by iteration: {curve}', flush=True)
+    if 'stage2_start' in r:
+        print(f'        stage 2 before training (its DM\'s prior): {r["stage2_start"]["psnr"]:.2f} dB', flush=True)
 
 
 if __name__ == '__main__':

@@ -61,6 +61,10 @@ def test_quality_quick_trains_and_scores_the_variants(tmp_path):
     assert list(variants) == ['identity', 'recipe', 'supervised']
     assert [c['iter'] for c in variants['recipe']['curve']] == [0, 10, 20]  # through stage 1 and stage 2
     assert [c['iter'] for c in variants['supervised']['curve']] == [0, 10, 20]
+    # the stage-2 model is scored once before it trains (the prior's share of the hand-over); one-stage kinds have none
+    start = variants['recipe']['stage2_start']
+    assert start['iter'] == 10 and set(start) == set(variants['recipe']['curve'][1])
+    assert all(math.isfinite(v) for v in start.values()) and 'stage2_start' not in variants['supervised']
     identity = variants['identity']['curve'][-1]
     assert identity == result['input'] and identity['artifact_db'] == 0
     assert 15 < identity['psnr'] < 40 and 0 < identity['ssim'] < 1
