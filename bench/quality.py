@@ -343,6 +343,12 @@ def _model_runner(model):
     return run
 
 
+def _log_scores(name, it, label, metrics):
+    """One stderr line of a variant's scores at curve iteration ``it`` (printed with ``--log-every``)."""
+    print(f'  {name} [{it}] {label} ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()),
+          file=sys.stderr, flush=True)
+
+
 def _train(model, loader_iter, iters, start, args, val, curve, name, model_start=0):
     """``iters`` iterations; evaluates (and with ``--keep`` saves) every ``--eval-every``; ``--log-every``
     prints the losses to stderr. ``start`` numbers the curve, ``model_start`` the model's own iterations (its
@@ -363,8 +369,7 @@ def _train(model, loader_iter, iters, start, args, val, curve, name, model_start
             metrics, last = evaluate(_model_runner(model), val)
             curve.append({'iter': start + it - model_start, **metrics})
             if args.log_every:
-                print(f'  {name} [{start + it - model_start}] val '
-                      + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()), file=sys.stderr, flush=True)
+                _log_scores(name, start + it - model_start, 'val', metrics)
             if args.keep:
                 model.save(0, it)
             if not all(math.isfinite(v) for v in metrics.values()):
@@ -443,8 +448,7 @@ def run_variant(name, spec, args, data_roots, work):
             handover, _ = evaluate(_model_runner(model), val)
             result['stage2_start'] = {'iter': args.iters, **handover}
             if args.log_every:
-                print(f'  {name} [{args.iters}] stage 2 before training: '
-                      + ' '.join(f'{k}={v:.4f}' for k, v in handover.items()), file=sys.stderr, flush=True)
+                _log_scores(name, args.iters, 'stage 2 before training:', handover)
             images = _train(model, loader, args.stage2_iters, args.iters, args, val, curve, name) or images
     result.update(curve=curve, seconds=time.time() - t0, images=images)
     return result
