@@ -136,6 +136,34 @@ def test_sampling_reproducible_with_generator():
     assert not torch.equal(a, net(lq, generator=torch.Generator().manual_seed(1)))
 
 
+@pytest.mark.parametrize('use_dm', [True, False])
+def test_generate_prior_is_the_prior_forward_uses_without_running_the_unet(use_dm):
+    net = _net(use_dm=use_dm)
+    calls = []
+    net.output.register_forward_hook(lambda *a: calls.append(1))
+    lq = torch.randn(2, 3, 30, 37)  # not a multiple of the padding: the prior is cropped to the callers' shape
+    z = net.generate_prior(lq, generator=torch.Generator().manual_seed(3))
+    assert calls == [] and z.shape == net.prior_shape(lq)
+    out, used = net(lq, generator=torch.Generator().manual_seed(3), return_prior=True)
+    assert torch.equal(z, used)
+    if not use_dm:
+        assert torch.equal(z, torch.zeros_like(z))
+        return
+    assert z.abs().sum() > 0
+    noise = torch.randn(*net.prior_shape(lq))
+    torch.testing.assert_close(net(lq, prior=net.generate_prior(lq, noise=noise)), net(lq, noise=noise))
+    # the training path: q-sampled from the target, with gradients into the DM only
+    target = torch.randn(*net.prior_shape(lq))
+    torch.manual_seed(0)
+    z_train = net.generate_prior(lq, prior_target=target)
+    torch.manual_seed(0)
+    _, expected = net(lq, prior_target=target, return_prior=True)
+    torch.testing.assert_close(z_train, expected)
+    (z_train - target).abs().mean().backward()
+    _assert_all_grads(net.dm)
+    assert all(p.grad is None for n, p in net.named_parameters() if not n.startswith('dm.'))
+
+
 def _assert_all_grads(module, skip=()):
     missing = [n for n, p in module.named_parameters()
                if not n.startswith(skip) and (p.grad is None or p.grad.abs().sum() == 0)]

@@ -328,6 +328,31 @@ class TPDiffNet(nn.Module):
             r = gaussian_lowpass(r, self.residual_lowpass)
         return grid_notch(r) if self.residual_notch else r
 
+    def generate_prior(self, lq, prior_target=None, generator=None, noise=None):
+        """The prior this net makes for ``lq [B, in_ch, H, W]`` without being given one: the DM's ẑ (its training
+        path when ``prior_target`` is given, else sampled from N(0, I)), another ``prior_generator``'s, or zeros
+        without either; the prior shape for callers. The U-Net is not run: stage 2's DM warm-up
+        (``train.dm_warmup_iter``) trains the DM through this alone."""
+        x = pad_to_multiple(lq, self.pad_multiple)
+        return self._generate(x, self.prior_shape(lq), prior_target, generator, noise)[1]
+
+    def _generate(self, x, expected, prior_target, generator, noise):
+        """``generate_prior`` on the padded image ``x``: ``(z_full, z)``, the prior at the padded size the U-Net
+        uses and cropped to ``expected``."""
+        padded_hw = (x.shape[-2] // self.prior_scale, x.shape[-1] // self.prior_scale)
+        if self.dm is not None:
+            target = None
+            if prior_target is not None:
+                target = self._pad_prior(prior_target, 'prior_target', expected, padded_hw)
+            if noise is not None:
+                noise = self._pad_prior(noise, 'noise', expected, padded_hw)
+            z_full = self.dm(x, z_target=target, generator=generator, noise=noise)
+        elif self.prior_gen is not None:  # from lq alone: prior_target, generator and noise are not used
+            z_full = self.prior_gen(x)
+        else:
+            z_full = x.new_zeros((x.shape[0], self.prior_ch) + padded_hw)
+        return z_full, z_full[..., :expected[2], :expected[3]]
+
     def forward(self, lq, prior=None, prior_target=None, detach_prior=False, return_prior=False, generator=None,
                 noise=None):
         """``noise`` (optional, the prior shape for callers): the DM's Gaussian draw, used instead of drawing
@@ -335,23 +360,11 @@ class TPDiffNet(nn.Module):
         h, w = lq.shape[-2:]
         expected = self.prior_shape(lq)
         x = pad_to_multiple(lq, self.pad_multiple)
-        padded_hw = (x.shape[-2] // self.prior_scale, x.shape[-1] // self.prior_scale)
         if prior is not None:
-            z_full = self._pad_prior(prior, 'prior', expected, padded_hw)
+            z_full = self._pad_prior(prior, 'prior', expected, (x.shape[-2] // self.prior_scale,
+                                                                x.shape[-1] // self.prior_scale))
             z = prior
-        elif self.dm is not None:
-            target = None
-            if prior_target is not None:
-                target = self._pad_prior(prior_target, 'prior_target', expected, padded_hw)
-            if noise is not None:
-                noise = self._pad_prior(noise, 'noise', expected, padded_hw)
-            z_full = self.dm(x, z_target=target, generator=generator, noise=noise)
-            z = z_full[..., :expected[2], :expected[3]]
-        elif self.prior_gen is not None:  # from lq alone: prior_target, generator and noise are not used
-            z_full = self.prior_gen(x)
-            z = z_full[..., :expected[2], :expected[3]]
         else:
-            z_full = lq.new_zeros((lq.shape[0], self.prior_ch) + padded_hw)
-            z = z_full[..., :expected[2], :expected[3]]
+            z_full, z = self._generate(x, expected, prior_target, generator, noise)
         out = self.unet(x, z_full.detach() if detach_prior else z_full)[..., :h, :w] + lq
         return (out, z) if return_prior else out

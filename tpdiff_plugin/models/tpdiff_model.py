@@ -36,6 +36,14 @@ entries nearest the DM's priors), and with a tensorboard logger writes it as ``m
 ``tpe_perplexity`` together with the ``tpdiff explain`` figure (input, output, prior colours, memory index,
 FM-MSA offsets; ``tpdiff_plugin/explain.py``) of the first ``TB_FIGURES`` validation images, ``explain/<set>/<image>``.
 
+The DM's start (stage 2, not in the paper; off by default): ``train.dm_warmup_iter: N`` trains the DM alone for
+stage 2's first N iterations, on L_diff of the real blurry batch (DN, RN and the discriminators do not move, the
+image history pools are not fed), so that DN's prior is close to the one stage 1 trained it with before DN moves.
+Without it the untrained DM's sample costs DN 0.01 to 0.03 dB at the hand-over (bench/README.md, round 9).
+``train.dm_lr`` gives the DM's parameters (or another prior generator's) a learning rate of their own, in a second
+parameter group of ``optim_g`` that the scheduler scales like the first: the DM starts from scratch in stage 2,
+where DN and RN continue. With an EMA of G, the EMA's DM is the DM itself through the warm-up.
+
 Stage 2 continues stage 1's game: the stage-2 options load the stage-1 discriminators
 (``path.pretrain_network_d_sharp / _d_blur / _d_wave``) and, with ``path.resume_optim_d`` (a stage-1
 ``.state`` file, or its ``training_states`` folder for the newest one), the discriminators' Adam moments,
@@ -60,12 +68,14 @@ import os
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 
 from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from tpdiff_plugin.archs.tpe_arch import nearest_entries
+from tpdiff_plugin.models.cycle_settings import int_option, positive_number
 from tpdiff_plugin.models.self_enhancement import SelfEnhancement, parse_self_enhance
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.checkpoint import read_checkpoint
@@ -79,8 +89,10 @@ class TPDiffModel(UnpairedCycleModel):
     NETWORK_LABELS = UnpairedCycleModel.NETWORK_LABELS + ('tpe',)
     TOP_KEYS = frozenset({'stage'})
     TRAIN_KEYS = UnpairedCycleModel.TRAIN_KEYS | {'diff_opt', 'joint_train', 'use_tpe', 'sharp_cycle_prior',
-                                                  'dm_target', 'self_enhance'}
-    TRAIN_CHECKS = {**UnpairedCycleModel.TRAIN_CHECKS, 'self_enhance': parse_self_enhance}  # checked early
+                                                  'dm_target', 'self_enhance', 'dm_warmup_iter', 'dm_lr'}
+    TRAIN_INTS = {**UnpairedCycleModel.TRAIN_INTS, 'dm_warmup_iter': 0}
+    TRAIN_CHECKS = {**UnpairedCycleModel.TRAIN_CHECKS, 'self_enhance': parse_self_enhance,  # checked early
+                    'dm_lr': lambda value: positive_number(value, 'train.dm_lr')}
     VAL_KEYS = frozenset({'sample_seed'})
     PATH_KEYS = frozenset({'resume_optim_d'})
     TB_FIGURES = 2  # validation images whose explain figure goes to tensorboard
@@ -101,6 +113,13 @@ class TPDiffModel(UnpairedCycleModel):
             raise UserError(f'train.dm_target: must be ema_memory or batch, got {self.dm_target!r}')
         if stage == 1 and not self.use_tpe:
             raise UserError('train.use_tpe: false is a stage-2 ablation; stage 1 trains the TPE')
+        self.dm_warmup_iter = int_option(train_opt, 'dm_warmup_iter', 0, minimum=0)
+        self.dm_lr = train_opt.get('dm_lr')
+        if self.dm_lr is not None:
+            self.dm_lr = positive_number(self.dm_lr, 'train.dm_lr')
+        for key, value in (('dm_warmup_iter', self.dm_warmup_iter), ('dm_lr', self.dm_lr)):
+            if stage == 1 and value:
+                raise UserError(f'train.{key} is a stage-2 option: stage 1 has no DM to train')
         self.last_sharp = None  # most recent training sharp batch (stage-1 validation writes the memory from it)
         self.other_sharp = None  # the one before: the sharp-cycle chunks read a memory written from it
         self.self_enhance = None  # train.self_enhance: the teacher and its loss
@@ -147,7 +166,28 @@ class TPDiffModel(UnpairedCycleModel):
                     raise UserError(f'network_g: {e}') from None
         self.define_cycle_networks()
 
+    def prior_net(self, net=None):
+        """The module of ``net`` (default: the bare net_g) that makes the prior in stage 2: its DM, another
+        ``prior_generator``, or None."""
+        net = self.bare('g') if net is None else net
+        return net.dm if net.dm is not None else getattr(net, 'prior_gen', None)
+
+    def _params(self, labels, option):
+        """``optim_g`` with ``train.dm_lr``: two parameter groups, the prior generator's at that rate."""
+        params = super()._params(labels, option)
+        if option != 'optim_g' or self.dm_lr is None:
+            return params
+        own = {id(p) for p in self.prior_net().parameters()}
+        rest = [p for p in params if id(p) not in own]
+        dm = [p for p in params if id(p) in own]
+        return [{'params': rest}, {'params': dm, 'lr': self.dm_lr}] if rest else [{'params': dm, 'lr': self.dm_lr}]
+
     def init_training_settings(self):
+        if self.dm_lr is not None and not self.has_dm:
+            raise UserError('train.dm_lr: network_g.use_dm is false, so there is no DM to give a learning rate')
+        if self.dm_warmup_iter and not (self.has_dm and self.use_tpe):
+            raise UserError('train.dm_warmup_iter trains the DM on L_diff against the TPE\'s prior: it needs '
+                            'network_g.use_dm and train.use_tpe')
         super().init_training_settings()
         se_opt = self.opt['train'].get('self_enhance')
         if se_opt is not None:
@@ -207,7 +247,43 @@ class TPDiffModel(UnpairedCycleModel):
     def optimize_parameters(self, current_iter):
         self.other_sharp = self.last_sharp
         self.last_sharp = self.ref.detach()
+        if self.stage == 2 and current_iter <= self.dm_warmup_iter:
+            self.current_iter = current_iter
+            self.dm_warmup_step(current_iter)
+            return
         super().optimize_parameters(current_iter)
+
+    def dm_warmup_step(self, current_iter):
+        """One iteration of ``train.dm_warmup_iter``: the prior generator alone, on L_diff of the real blurry
+        batch (see the module docstring). Only its parameters get gradients, so optim_g moves nothing else."""
+        blur = self.lq
+        z, index = self._prior_target(blur, self.ref)
+        self._log_usage(index, blur.shape[0])
+        self.optimizer_g.zero_grad(set_to_none=True)
+        net = self.bare('g')  # bare: DN takes no part; the prior generator's gradients are averaged below
+
+        def losses():
+            l_diff = self.cri_diff(net.generate_prior(blur, prior_target=z), z)
+            return l_diff, OrderedDict(l_diff=l_diff)
+
+        l_diff, terms = self.amp_losses(losses)
+        bad = self.bad_terms(terms)
+        self.log_dict = self._training_log(terms)
+        if bad:
+            self.record_bad(current_iter, bad, 'the DM warm-up update')
+            return
+        l_diff.backward()
+        if self.opt.get('dist') and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            for p in self.prior_net().parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world)
+        self.optimizer_g.step()
+        self.good_step_done()
+        ema = getattr(self, 'net_g_ema', None)
+        if ema is not None:  # DN is not moving; the EMA's prior generator follows the trained one exactly
+            self.prior_net(ema).load_state_dict(self.prior_net().state_dict())
 
     def _memory_sources(self, blur, sharp, pseudo=0):
         """The TPE's ``sharp`` argument for ``blur`` (k chunks, the last ``pseudo`` of them self-enhancement
@@ -257,6 +333,15 @@ class TPDiffModel(UnpairedCycleModel):
         extra['l_self_enhance'] = se.loss(out[:n], out[m:], target)
         return out[:m], extra
 
+    @torch.no_grad()
+    def _prior_target(self, blur, sharp, pseudo=0):
+        """Stage 2: the frozen TPE's prior for ``blur`` and the memory entries it read: the DM's target z (from the
+        memory EMA, or written from the sharp batches with ``dm_target: batch``), and DN's prior without a DM."""
+        tpe = self.net_tpe  # frozen: the bare module
+        if not self.has_dm or self.dm_target == 'ema_memory':
+            return tpe.read(blur, memory=self.inference_memory(), return_index=True)
+        return tpe(blur, self._memory_sources(blur, sharp, pseudo), return_index=True)
+
     def _deblur_chunks(self, blur, sharp, pseudo=0):
         extra = OrderedDict()
         n = sharp.shape[0]
@@ -267,12 +352,7 @@ class TPDiffModel(UnpairedCycleModel):
             return self.net_g(blur, prior=z), extra
         if not self.use_tpe:  # w/o TPE: the DM is trained through the image losses only
             return self.net_g(blur), extra
-        tpe = self.net_tpe  # frozen: the bare module
-        with torch.no_grad():
-            if not self.has_dm or self.dm_target == 'ema_memory':
-                z, index = tpe.read(blur, memory=self.inference_memory(), return_index=True)
-            else:
-                z, index = tpe(blur, self._memory_sources(blur, sharp, pseudo), return_index=True)
+        z, index = self._prior_target(blur, sharp, pseudo)
         self._log_usage(index, n)
         if not self.has_dm:  # w/o DM: the TPE's sharp-free prior, the same at inference
             return self.net_g(blur, prior=z), extra
