@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from basicsr.models import build_model
@@ -215,6 +216,31 @@ def test_torchrun_two_processes_on_gloo(sr_experiment, cli_runner):
     log = next(exp.glob('train_compat_sr_*.log')).read_text()
     assert re.search(r'^\s*world_size: 2$', log, re.M), log[:3000]
     assert re.search(r'^\s*dist: True$', log, re.M)
+
+
+@pytest.mark.parametrize('num_gpu, dist_params, expected', [
+    (0, {'backend': 'nccl'}, 'gloo'),  # CPU training on a GPU machine: NCCL cannot reduce CPU tensors
+    (1, {'backend': 'nccl'}, 'nccl'),
+    (1, None, 'nccl'),
+    ('auto', {'backend': 'gloo'}, 'gloo'),
+])
+def test_launcher_pytorch_backend_follows_num_gpu(tmp_path, monkeypatch, num_gpu, dist_params, expected):
+    """Upstream's parse_options starts the process group (``init_dist('pytorch')``, NCCL) before num_gpu is read."""
+    opt = {'name': 'backend', 'model_type': 'SRModel', 'num_gpu': num_gpu, 'manual_seed': 0,
+           'path': {}, 'network_g': {'type': 'TPDiffNet'}, 'datasets': {}}
+    if dist_params:
+        opt['dist_params'] = dist_params
+    path = tmp_path / 'opt.yml'
+    path.write_text(yaml.safe_dump(opt))
+    assert compat.launcher_backend(str(path)) == expected
+    import basicsr.train
+    import basicsr.utils.options as options
+    calls = []
+    monkeypatch.setattr(options, 'init_dist', lambda launcher, **kw: calls.append((launcher, kw)))
+    monkeypatch.setattr(sys, 'argv', ['train', '-opt', str(path), '--launcher', 'pytorch'])
+    basicsr.train.parse_options(str(tmp_path))
+    assert calls == [('pytorch', {'backend': expected})]
+    assert compat.launcher_backend(str(tmp_path / 'missing.yml')) is None  # upstream reports it
 
 
 # 4. DDP wrapping on CPU -------------------------------------------------------------------------

@@ -12,7 +12,9 @@ imports basicsr. Every mend has a test in ``tests/test_compat.py`` that fails wi
    ``basicsr.train.load_resume_state`` with one that maps to the current device or the CPU and
    loads with ``weights_only=True``.
 3. ``--launcher pytorch`` hard-codes NCCL and ``torch.cuda.set_device(rank % device_count())``
-   (ZeroDivisionError on CPU). We use gloo and skip ``set_device`` when there is no GPU.
+   (ZeroDivisionError on CPU). We use gloo and skip ``set_device`` when there is no GPU, and also when the
+   options train on the CPU (``num_gpu: 0``) of a machine that has GPUs: upstream's ``parse_options`` starts
+   the process group before anyone reads ``num_gpu``, so NCCL met CPU tensors in DDP there.
 4. ``BaseModel.model_to_device`` wraps DDP with ``device_ids=[torch.cuda.current_device()]``:
    fails on CPU. We pass ``device_ids=None`` for CPU models.
 5. ``prefetch_mode: cuda`` needs a GPU (and ``pin_memory``). Without one in use, the parsed options
@@ -97,9 +99,46 @@ def cpu_prefetch_fallback(opt):
     return opt
 
 
+def launcher_backend(opt_path):
+    """Mend 3: the process-group backend for ``--launcher pytorch`` with the options file ``opt_path``: gloo
+    when it trains on the CPU (``num_gpu: 0``), else its ``dist_params.backend`` (default nccl). None when the
+    file cannot be read: upstream then reports it as before."""
+    import yaml
+    from basicsr.utils.options import ordered_yaml
+    try:
+        with open(opt_path, encoding='utf-8') as f:
+            opt = yaml.load(f, Loader=ordered_yaml()[0])
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(opt, dict):
+        return None
+    if opt.get('num_gpu') == 0:
+        return 'gloo'
+    return (opt.get('dist_params') or {}).get('backend') or 'nccl'
+
+
 def _parse_options_with_fallback(parse_options):
+    import argparse
+
+    import basicsr.utils.options as options
+
     def parse(root_path, is_train=True):
-        opt, args = parse_options(root_path, is_train=is_train)
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument('-opt')
+        parser.add_argument('--launcher', default='none')
+        known, _ = parser.parse_known_args()
+        backend = launcher_backend(known.opt) if known.launcher == 'pytorch' and known.opt else None
+        init_dist = options.init_dist
+
+        def init_with_backend(launcher, **kwargs):  # upstream calls init_dist('pytorch') with no backend
+            return init_dist(launcher, **{**kwargs, 'backend': backend})
+
+        if backend is not None:
+            options.init_dist = init_with_backend
+        try:
+            opt, args = parse_options(root_path, is_train=is_train)
+        finally:
+            options.init_dist = init_dist
         return cpu_prefetch_fallback(opt), args
     parse.__doc__ = parse_options.__doc__
     return parse
