@@ -134,6 +134,7 @@ def build_stage2_model(options_path, device, workdir, batch_size=None, patch=Non
         opt['path'][key] = os.path.join(root, key)
         os.makedirs(opt['path'][key], exist_ok=True)
     opt['path'].pop('resume_optim_d', None)  # fresh discriminator moments: the same work per iteration
+    opt['train'].pop('dm_warmup_iter', None)  # the iteration timed is the whole game's, not the DM's warm-up
     if amp is not None:
         opt['train']['amp'] = amp
     for label in ('g', 'tpe', 'rb', 'd_sharp', 'd_blur', 'd_wave'):  # random stage-1 checkpoints do for timing

@@ -68,6 +68,9 @@ SHIPPED = {
     # round 8: the plain D_S / D_B, one R1 weight (the first recipe had none), DN at D's learning rate
     'network_g.residual_notch': False, 'network_d_sharp.highpass_gain': 0, 'network_d_blur.highpass_gain': 0,
     'train.optim_g.lr': 2e-4,
+    # rounds 9 and 10: a constant learning rate, no EMA of G, and a DM that starts with the whole game
+    'train.scheduler': {'type': 'MultiStepLR', 'milestones': [], 'gamma': 0.5}, 'train.ema_decay': None,
+    's2:train.dm_warmup_iter': None, 's2:train.dm_lr': None,
 }
 # the structural changes, as they appear in the demo options
 CHANGES = {
@@ -108,8 +111,10 @@ def parse_args(argv=None):
     p.add_argument('--define', action='append', default=[], metavar='NAME=BASE,key=value,...',
                    help='a new variant: BASE\'s overrides plus these (YAML values; "s2:" prefix = stage 2 only)')
     p.add_argument('--list', action='store_true', help='print the variants and their overrides, then exit')
-    p.add_argument('--iters', type=int, default=400, help='stage-1 iterations (default 400, the demo\'s)')
-    p.add_argument('--stage2-iters', type=int, default=400, help='stage-2 iterations (default 400)')
+    p.add_argument('--iters', type=int, default=None,
+                   help='stage-1 iterations (default: the stage-1 options\' total_iter, the demo\'s 400)')
+    p.add_argument('--stage2-iters', type=int, default=None,
+                   help='stage-2 iterations (default: the stage-2 options\' total_iter, the demo\'s 400)')
     p.add_argument('--eval-every', type=int, default=100, help='validate every N iterations (default 100)')
     p.add_argument('--stage1-opt', default=STAGE1, help='the options the variants start from (default: the demo\'s)')
     p.add_argument('--stage2-opt', default=STAGE2, help='stage 2\'s (default: the demo\'s)')
@@ -130,6 +135,13 @@ def parse_args(argv=None):
                    help='train in DIR and keep it: each variant\'s checkpoints (<name>-s1/, <name>-s2/ models and '
                         'training states, saved at every evaluation) and demo sets; default: a temporary folder')
     args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.stage2_iters, args.eval_every = 10, 10, 10
+        if args.variants == p.get_default('variants'):
+            args.variants = 'identity,recipe,supervised'
+    for key, path in (('iters', args.stage1_opt), ('stage2_iters', args.stage2_opt)):
+        if getattr(args, key) is None:
+            setattr(args, key, _total_iter(path))
     if args.warm_start:
         folder, _, start = args.warm_start.rpartition(':')
         if not start.isdigit() or not os.path.isfile(os.path.join(folder, 'training_states', f'{start}.state')):
@@ -140,11 +152,14 @@ def parse_args(argv=None):
         args.warm_folder, args.warm_iter = folder, int(start)
     else:
         args.warm_folder, args.warm_iter = None, 0
-    if args.quick:
-        args.iters, args.stage2_iters, args.eval_every = 10, 10, 10
-        if args.variants == p.get_default('variants'):
-            args.variants = 'identity,recipe,supervised'
     return args
+
+
+def _total_iter(path):
+    """``train.total_iter`` of the options file ``path``: the budget a stage gets by default."""
+    import yaml
+    with open(path, encoding='utf-8') as f:
+        return int(yaml.safe_load(f)['train']['total_iter'])
 
 
 def _parse_value(text):

@@ -88,9 +88,25 @@ def test_quality_variant_definitions():
         assert set(quality.SHIPPED) - set(row) == set(keys)
     opt = quality.build_options(quality.STAGE2, variants['shipped'], 2, '/data', '/tmp/q-test', 'v')
     assert 'pretrain_network_d_sharp' not in opt['path'] and opt['train']['dm_target'] == 'batch'
+    # the first recipe had a constant rate, no EMA of G and no DM warm-up (rounds 9 and 10 added them)
+    assert opt['train']['scheduler']['type'] == 'MultiStepLR' and not opt['train']['scheduler']['milestones']
+    assert not {'ema_decay', 'dm_warmup_iter', 'dm_lr'} & set(opt['train'])
     assert opt['datasets']['train']['dataroot_blur'] == '/data/train_blur.lmdb'
     with pytest.raises(SystemExit):
         quality.define_variants(['y=nope,train.r1_weight=1'], quality.VARIANTS)
+
+
+def test_quality_budget_defaults_to_the_options_total_iter(tmp_path):
+    import yaml
+    quality = bench_module('quality')
+    opt = yaml.safe_load(open(quality.STAGE2, encoding='utf-8'))
+    opt['train']['total_iter'] = 123
+    path = tmp_path / 'stage2.yml'
+    path.write_text(yaml.safe_dump(opt))
+    args = quality.parse_args(['--stage2-opt', str(path)])
+    assert args.stage2_iters == 123 and args.iters == yaml.safe_load(open(quality.STAGE1))['train']['total_iter']
+    assert quality.parse_args(['--stage2-opt', str(path), '--stage2-iters', '5']).stage2_iters == 5
+    assert (quality.parse_args(['--quick']).iters, quality.parse_args(['--quick']).stage2_iters) == (10, 10)
 
 
 def test_quality_stretches_a_whole_budget_cosine_to_the_runs_budget():
@@ -102,8 +118,9 @@ def test_quality_stretches_a_whole_budget_cosine_to_the_runs_budget():
     own = dict(cos, periods=[2000])
     opt = quality.build_options(quality.STAGE1, {'train.scheduler': own}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
     assert opt['train']['scheduler']['periods'] == [2000] and opt['train']['total_iter'] == 1000
-    opt = quality.build_options(quality.STAGE1, {}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
-    assert opt['train']['scheduler']['type'] == 'MultiStepLR' and 'periods' not in opt['train']['scheduler']
+    step = {'type': 'MultiStepLR', 'milestones': [], 'gamma': 0.5}
+    opt = quality.build_options(quality.STAGE1, {'train.scheduler': step}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
+    assert opt['train']['scheduler'] == step
 
 
 def test_quality_coarse_part_keeps_only_the_coarse_change():

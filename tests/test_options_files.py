@@ -151,9 +151,16 @@ def test_the_model_trains_with_the_values_basicsr_parses(path, tmp_path, monkeyp
     r1 = train.get('r1_weight', 0)  # one gamma for every D, or {label: gamma}
     per_d = r1 if isinstance(r1, dict) else dict.fromkeys(model.discriminator_labels, r1)
     assert model.r1_weights == {label: gamma for label, gamma in per_d.items() if gamma}
+    assert model.ema_decay == train.get('ema_decay', 0)
     for scheduler in model.schedulers:
-        assert sorted(scheduler.milestones.elements()) == train['scheduler']['milestones']
-        assert scheduler.gamma == train['scheduler']['gamma']
+        kind = train['scheduler']['type']
+        assert type(scheduler).__name__ == {'MultiStepLR': 'MultiStepRestartLR'}.get(kind, kind)  # basicsr's class
+        if train['scheduler']['type'] == 'MultiStepLR':
+            assert sorted(scheduler.milestones.elements()) == train['scheduler']['milestones']
+            assert scheduler.gamma == train['scheduler']['gamma']
+        else:  # CosineAnnealingRestartLR
+            assert (scheduler.periods, scheduler.restart_weights, scheduler.eta_min) == \
+                (train['scheduler']['periods'], train['scheduler']['restart_weights'], train['scheduler']['eta_min'])
 
 
 @pytest.mark.parametrize('path', BASICSR_FILES, ids=name)

@@ -36,13 +36,8 @@ entries nearest the DM's priors), and with a tensorboard logger writes it as ``m
 ``tpe_perplexity`` together with the ``tpdiff explain`` figure (input, output, prior colours, memory index,
 FM-MSA offsets; ``tpdiff_plugin/explain.py``) of the first ``TB_FIGURES`` validation images, ``explain/<set>/<image>``.
 
-The DM's start (stage 2, not in the paper; off by default): ``train.dm_warmup_iter: N`` trains the DM alone for
-stage 2's first N iterations, on L_diff of the real blurry batch (DN, RN and the discriminators do not move, the
-image history pools are not fed), so that DN's prior is close to the one stage 1 trained it with before DN moves.
-Without it the untrained DM's sample costs DN 0.01 to 0.03 dB at the hand-over (bench/README.md, round 9).
-``train.dm_lr`` gives the DM's parameters (or another prior generator's) a learning rate of their own, in a second
-parameter group of ``optim_g`` that the scheduler scales like the first: the DM starts from scratch in stage 2,
-where DN and RN continue. With an EMA of G, the EMA's DM is the DM itself through the warm-up.
+The DM's start (stage 2, not in the paper; off by default): ``train.dm_warmup_iter`` and ``train.dm_lr``, see
+``dm_start.py``.
 
 Stage 2 continues stage 1's game: the stage-2 options load the stage-1 discriminators
 (``path.pretrain_network_d_sharp / _d_blur / _d_wave``) and, with ``path.resume_optim_d`` (a stage-1
@@ -68,7 +63,6 @@ import os
 from collections import OrderedDict
 
 import torch
-import torch.distributed as dist
 
 from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
@@ -76,6 +70,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from tpdiff_plugin.archs.tpe_arch import nearest_entries
 from tpdiff_plugin.models.cycle_settings import int_option, positive_number
+from tpdiff_plugin.models.dm_start import DMStartMixin
 from tpdiff_plugin.models.self_enhancement import SelfEnhancement, parse_self_enhance
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.checkpoint import read_checkpoint
@@ -83,7 +78,7 @@ from tpdiff_plugin.utils.errors import UserError
 
 
 @MODEL_REGISTRY.register()
-class TPDiffModel(UnpairedCycleModel):
+class TPDiffModel(DMStartMixin, UnpairedCycleModel):
     """TP-Diff, stage 1 or 2 (option ``stage``). See the module docstring."""
 
     NETWORK_LABELS = UnpairedCycleModel.NETWORK_LABELS + ('tpe',)
@@ -166,22 +161,6 @@ class TPDiffModel(UnpairedCycleModel):
                     raise UserError(f'network_g: {e}') from None
         self.define_cycle_networks()
 
-    def prior_net(self, net=None):
-        """The module of ``net`` (default: the bare net_g) that makes the prior in stage 2: its DM, another
-        ``prior_generator``, or None."""
-        net = self.bare('g') if net is None else net
-        return net.dm if net.dm is not None else getattr(net, 'prior_gen', None)
-
-    def _params(self, labels, option):
-        """``optim_g`` with ``train.dm_lr``: two parameter groups, the prior generator's at that rate."""
-        params = super()._params(labels, option)
-        if option != 'optim_g' or self.dm_lr is None:
-            return params
-        own = {id(p) for p in self.prior_net().parameters()}
-        rest = [p for p in params if id(p) not in own]
-        dm = [p for p in params if id(p) in own]
-        return [{'params': rest}, {'params': dm, 'lr': self.dm_lr}] if rest else [{'params': dm, 'lr': self.dm_lr}]
-
     def init_training_settings(self):
         if self.dm_lr is not None and not self.has_dm:
             raise UserError('train.dm_lr: network_g.use_dm is false, so there is no DM to give a learning rate')
@@ -252,38 +231,6 @@ class TPDiffModel(UnpairedCycleModel):
             self.dm_warmup_step(current_iter)
             return
         super().optimize_parameters(current_iter)
-
-    def dm_warmup_step(self, current_iter):
-        """One iteration of ``train.dm_warmup_iter``: the prior generator alone, on L_diff of the real blurry
-        batch (see the module docstring). Only its parameters get gradients, so optim_g moves nothing else."""
-        blur = self.lq
-        z, index = self._prior_target(blur, self.ref)
-        self._log_usage(index, blur.shape[0])
-        self.optimizer_g.zero_grad(set_to_none=True)
-        net = self.bare('g')  # bare: DN takes no part; the prior generator's gradients are averaged below
-
-        def losses():
-            l_diff = self.cri_diff(net.generate_prior(blur, prior_target=z), z)
-            return l_diff, OrderedDict(l_diff=l_diff)
-
-        l_diff, terms = self.amp_losses(losses)
-        bad = self.bad_terms(terms)
-        self.log_dict = self._training_log(terms)
-        if bad:
-            self.record_bad(current_iter, bad, 'the DM warm-up update')
-            return
-        l_diff.backward()
-        if self.opt.get('dist') and dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
-            for p in self.prior_net().parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
-        self.optimizer_g.step()
-        self.good_step_done()
-        ema = getattr(self, 'net_g_ema', None)
-        if ema is not None:  # DN is not moving; the EMA's prior generator follows the trained one exactly
-            self.prior_net(ema).load_state_dict(self.prior_net().state_dict())
 
     def _memory_sources(self, blur, sharp, pseudo=0):
         """The TPE's ``sharp`` argument for ``blur`` (k chunks, the last ``pseudo`` of them self-enhancement
