@@ -114,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument('--iters', type=int, default=None,
                    help='stage-1 iterations (default: the stage-1 options\' total_iter, the demo\'s 400)')
     p.add_argument('--stage2-iters', type=int, default=None,
-                   help='stage-2 iterations (default: the stage-2 options\' total_iter, the demo\'s 400)')
+                   help='stage-2 iterations (default: the stage-2 options\' total_iter, the demo\'s 700)')
     p.add_argument('--eval-every', type=int, default=100, help='validate every N iterations (default 100)')
     p.add_argument('--stage1-opt', default=STAGE1, help='the options the variants start from (default: the demo\'s)')
     p.add_argument('--stage2-opt', default=STAGE2, help='stage 2\'s (default: the demo\'s)')

@@ -118,6 +118,9 @@ def test_quality_stretches_a_whole_budget_cosine_to_the_runs_budget():
     own = dict(cos, periods=[2000])
     opt = quality.build_options(quality.STAGE1, {'train.scheduler': own}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
     assert opt['train']['scheduler']['periods'] == [2000] and opt['train']['total_iter'] == 1000
+    # the demo recipe's own cosine (one period over the stage) follows the run's budget as well
+    opt = quality.build_options(quality.STAGE2, quality.VARIANTS['recipe'], 2, '/data', '/tmp/q-test', 'v', iters=1000)
+    assert opt['train']['scheduler']['periods'] == [1000] and opt['train']['total_iter'] == 1000
     step = {'type': 'MultiStepLR', 'milestones': [], 'gamma': 0.5}
     opt = quality.build_options(quality.STAGE1, {'train.scheduler': step}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
     assert opt['train']['scheduler'] == step

@@ -347,6 +347,26 @@ def test_test_options_load_what_stage2_trains(test_file):
     assert test['network_g'] == train['network_g']
     assert test['stage'] == 2 and test['model_type'] == 'TPDiffModel'
     assert test['path']['pretrain_network_g'] == f'experiments/{train["name"]}/models/net_g_latest.pth'
+    # a run that keeps an EMA of G is tested with it (the copy its validation scored)
+    expected_key = 'params_ema' if train['train'].get('ema_decay', 0) > 0 else 'params'
+    assert test['path'].get('param_key_g', 'params') == expected_key
+
+
+def test_demo_recipe_warms_the_dm_up_and_decays_over_each_stage():
+    """The demo recipe of bench/README.md rounds 9-10: a cosine over each stage's whole budget, an EMA of G,
+    and stage 2 opening with DM-only iterations that leave the whole game most of the budget."""
+    for f in ('demo/stage1.yml', 'demo/stage2.yml'):
+        train = load(OPTIONS / f)['train']
+        assert train['scheduler']['type'] == 'CosineAnnealingRestartLR', f
+        assert sum(train['scheduler']['periods']) == train['total_iter'], f
+        assert 0 < train['ema_decay'] < 1, f
+    s2 = load(OPTIONS / 'demo/stage2.yml')
+    assert 0 < s2['train']['dm_warmup_iter'] < s2['train']['total_iter'] / 2 + 1
+    assert s2['train']['dm_lr'] > s2['train']['optim_g']['lr']
+    # the last checkpoint is the last iteration's, and validation happens after the warm-up
+    assert s2['train']['total_iter'] % s2['logger']['save_checkpoint_freq'] == 0
+    assert s2['train']['total_iter'] % s2['val']['val_freq'] == 0
+    assert s2['val']['val_freq'] > s2['train']['dm_warmup_iter']
 
 
 @pytest.mark.parametrize('part', sorted(ABLATIONS))
