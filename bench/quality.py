@@ -209,6 +209,8 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0, iter
     ``iters`` (this stage's budget in the run) becomes ``train.total_iter``. A cosine schedule whose periods
     add up to the file's ``total_iter`` (a decay over the whole budget) is stretched to ``iters`` in proportion,
     so it still ends at the end of the run; periods a variant spells out for another length are kept as given.
+    The file's ``dm_warmup_iter`` (stage 2's DM-only start) is scaled the same way, so a short or long run keeps
+    the recipe's share of DM-only iterations; a variant that sets it gets its own value.
     """
     import yaml
     with open(path, encoding='utf-8') as f:
@@ -222,7 +224,8 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0, iter
             key = key[3:]
         _set(opt, key, copy.deepcopy(value))
     if iters:
-        _fit_schedule(opt['train'], iters)
+        own_warmup = any(k.split(':')[-1] == 'train.dm_warmup_iter' for k in overrides)
+        _fit_schedule(opt['train'], iters, scale_warmup=not own_warmup)
     opt.update(name=name, is_train=True, dist=False, rank=0, world_size=1, num_gpu=num_gpu, auto_resume=False)
     train = opt['datasets']['train']
     train.update(phase='train', scale=1, num_worker_per_gpu=0,
@@ -241,8 +244,10 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0, iter
     return opt
 
 
-def _fit_schedule(train, iters):
+def _fit_schedule(train, iters, scale_warmup=True):
     scheduler, total = train.get('scheduler') or {}, train.get('total_iter')
+    if scale_warmup and train.get('dm_warmup_iter') and total and total != iters:
+        train['dm_warmup_iter'] = round(train['dm_warmup_iter'] * iters / total)
     periods = scheduler.get('periods')
     if scheduler.get('type') == 'CosineAnnealingRestartLR' and periods and sum(periods) == total != iters:
         scaled = [max(1, round(p * iters / total)) for p in periods]

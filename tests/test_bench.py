@@ -109,7 +109,7 @@ def test_quality_budget_defaults_to_the_options_total_iter(tmp_path):
     assert (quality.parse_args(['--quick']).iters, quality.parse_args(['--quick']).stage2_iters) == (10, 10)
 
 
-def test_quality_stretches_a_whole_budget_cosine_to_the_runs_budget():
+def test_quality_stretches_a_whole_budget_cosine_and_the_dm_warmup_to_the_runs_budget():
     quality = bench_module('quality')
     cos = {'type': 'CosineAnnealingRestartLR', 'periods': [300, 100], 'restart_weights': [1, 1]}
     opt = quality.build_options(quality.STAGE1, {'train.scheduler': cos}, 1, '/data', '/tmp/q-test', 'v', iters=1001)
@@ -121,6 +121,17 @@ def test_quality_stretches_a_whole_budget_cosine_to_the_runs_budget():
     # the demo recipe's own cosine (one period over the stage) follows the run's budget as well
     opt = quality.build_options(quality.STAGE2, quality.VARIANTS['recipe'], 2, '/data', '/tmp/q-test', 'v', iters=1000)
     assert opt['train']['scheduler']['periods'] == [1000] and opt['train']['total_iter'] == 1000
+    # and its DM-only start keeps its share of the budget, unless the variant sets its own
+    import yaml
+    train = yaml.safe_load(open(quality.STAGE2, encoding='utf-8'))['train']
+    warmup, total = train['dm_warmup_iter'], train['total_iter']
+
+    def warmup_at(iters, overrides=None):
+        opt = quality.build_options(quality.STAGE2, overrides or {}, 2, '/data', '/tmp/q-test', 'v', iters=iters)
+        return opt['train']['dm_warmup_iter']
+    assert warmup_at(1000) == round(warmup * 1000 / total) and warmup_at(10) == round(warmup * 10 / total)
+    assert warmup_at(total) == warmup and 0 < warmup_at(10) < 10  # a --quick stage 2 trains DN too
+    assert warmup_at(1000, {'s2:train.dm_warmup_iter': 7}) == 7
     step = {'type': 'MultiStepLR', 'milestones': [], 'gamma': 0.5}
     opt = quality.build_options(quality.STAGE1, {'train.scheduler': step}, 1, '/data', '/tmp/q-test', 'v', iters=1000)
     assert opt['train']['scheduler'] == step
