@@ -215,6 +215,8 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0, iter
     import yaml
     with open(path, encoding='utf-8') as f:
         opt = yaml.safe_load(f)
+    if iters:  # before the overrides, so a variant's own dm_warmup_iter replaces the scaled one
+        _scale_warmup(opt['train'], iters)
     for key, value in overrides.items():
         if key in ('kind', 'data'):
             continue
@@ -224,8 +226,7 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0, iter
             key = key[3:]
         _set(opt, key, copy.deepcopy(value))
     if iters:
-        own_warmup = any(k.split(':')[-1] == 'train.dm_warmup_iter' for k in overrides)
-        _fit_schedule(opt['train'], iters, scale_warmup=not own_warmup)
+        _fit_schedule(opt['train'], iters)
     opt.update(name=name, is_train=True, dist=False, rank=0, world_size=1, num_gpu=num_gpu, auto_resume=False)
     train = opt['datasets']['train']
     train.update(phase='train', scale=1, num_worker_per_gpu=0,
@@ -244,10 +245,14 @@ def build_options(path, overrides, stage, data_root, work, name, num_gpu=0, iter
     return opt
 
 
-def _fit_schedule(train, iters, scale_warmup=True):
-    scheduler, total = train.get('scheduler') or {}, train.get('total_iter')
-    if scale_warmup and train.get('dm_warmup_iter') and total and total != iters:
+def _scale_warmup(train, iters):
+    total = train.get('total_iter')
+    if train.get('dm_warmup_iter') and total and total != iters:
         train['dm_warmup_iter'] = round(train['dm_warmup_iter'] * iters / total)
+
+
+def _fit_schedule(train, iters):
+    scheduler, total = train.get('scheduler') or {}, train.get('total_iter')
     periods = scheduler.get('periods')
     if scheduler.get('type') == 'CosineAnnealingRestartLR' and periods and sum(periods) == total != iters:
         scaled = [max(1, round(p * iters / total)) for p in periods]

@@ -155,7 +155,7 @@ def test_the_model_trains_with_the_values_basicsr_parses(path, tmp_path, monkeyp
     for scheduler in model.schedulers:
         kind = train['scheduler']['type']
         assert type(scheduler).__name__ == {'MultiStepLR': 'MultiStepRestartLR'}.get(kind, kind)  # basicsr's class
-        if train['scheduler']['type'] == 'MultiStepLR':
+        if kind == 'MultiStepLR':
             assert sorted(scheduler.milestones.elements()) == train['scheduler']['milestones']
             assert scheduler.gamma == train['scheduler']['gamma']
         else:  # CosineAnnealingRestartLR

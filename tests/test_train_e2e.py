@@ -57,8 +57,8 @@ def test_both_stages_resume_distribute_and_test(workspace, cli_runner):
 
     # stage 2 from stage 1's checkpoints, 2 processes on gloo
     r = cli_runner(['torchrun', '--nproc_per_node=2', f'--master_port={free_port()}', '-m', 'tpdiff_plugin.train',
-                    '-opt', 'options/demo/stage2.yml', '--launcher', 'pytorch'] + SHORT + S2_SHORT + ['train:total_iter=2'],
-                   cwd=root)
+                    '-opt', 'options/demo/stage2.yml', '--launcher', 'pytorch'] + SHORT + S2_SHORT
+                   + ['train:total_iter=2'], cwd=root)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     log2 = _log(s2)
     assert re.search(r'^\s*world_size: 2$', log2, re.M)
