@@ -111,7 +111,10 @@ def test_quality_budget_defaults_to_the_options_total_iter(tmp_path):
 
 def test_quality_stretches_a_whole_budget_cosine_and_the_dm_warmup_to_the_runs_budget():
     quality = bench_module('quality')
-    cos = {'type': 'CosineAnnealingRestartLR', 'periods': [300, 100], 'restart_weights': [1, 1]}
+    import yaml
+    total1 = yaml.safe_load(open(quality.STAGE1, encoding='utf-8'))['train']['total_iter']
+    assert total1 % 4 == 0  # periods of 3/4 and 1/4 of stage 1's budget: 751 + 250 of 1001 iterations
+    cos = {'type': 'CosineAnnealingRestartLR', 'periods': [total1 * 3 // 4, total1 // 4], 'restart_weights': [1, 1]}
     opt = quality.build_options(quality.STAGE1, {'train.scheduler': cos}, 1, '/data', '/tmp/q-test', 'v', iters=1001)
     assert opt['train']['total_iter'] == 1001 and opt['train']['scheduler']['periods'] == [751, 250]
     # periods spelled out for another length stay as given; other schedulers are left alone
@@ -122,7 +125,6 @@ def test_quality_stretches_a_whole_budget_cosine_and_the_dm_warmup_to_the_runs_b
     opt = quality.build_options(quality.STAGE2, quality.VARIANTS['recipe'], 2, '/data', '/tmp/q-test', 'v', iters=1000)
     assert opt['train']['scheduler']['periods'] == [1000] and opt['train']['total_iter'] == 1000
     # and its DM-only start keeps its share of the budget, unless the variant sets its own
-    import yaml
     train = yaml.safe_load(open(quality.STAGE2, encoding='utf-8'))['train']
     warmup, total = train['dm_warmup_iter'], train['total_iter']
 
