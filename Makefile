@@ -40,8 +40,8 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 # The quality harness (bench/quality.py): demo-size TP-Diff trained from scratch under named variants, side
-# by side, against the identity, the supervised ceiling and the CycleGAN baseline (about 1 h on 2 free cores,
-# estimated: the 300 + 200 run in bench/README.md took 70 min on one core).
+# by side, against the identity, the supervised ceiling and the CycleGAN baseline, at the demo's 300 + 500
+# iterations (about 70 min on 2 free cores, estimated: one variant took 12-15 min per core in round 11).
 quality: $(STAMP)
 	$(PY) bench/quality.py --jobs 2
 
