@@ -1,4 +1,4 @@
-"""FM-MSA's filters: the deformable filter's two implementations, and every filter_type's own behaviour."""
+"""FM-MSA's filters: the deformable filter's implementations, and every filter_type's own behaviour."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +7,10 @@ from tpdiff_plugin.archs.adaptive_filter import (FILTER_TYPES, FeatureDeformFilt
                                                  PriorDeformFilter, SeparableFilter, build_filter, deform_filter)
 
 
-# (C_in, C_out, C_in per group, offset groups, kernel, dilation)
-CONFIGS = [(6, 6, 1, 1, 3, 1), (6, 6, 1, 2, 3, 2), (4, 8, 2, 1, 3, 1), (4, 4, 4, 1, 5, 1)]
+# (C_in, C_out, C_in per group, offset groups, kernel, dilation); 'gather' runs the depthwise one-group ones
+# itself (the first and the last) and hands the others to grid_sample.
+CONFIGS = [(6, 6, 1, 1, 3, 1), (6, 6, 1, 2, 3, 2), (4, 8, 2, 1, 3, 1), (4, 4, 4, 1, 5, 1), (5, 5, 1, 1, 5, 2)]
+IMPLS = ['torchvision', 'grid_sample', 'gather']
 
 
 def _random_inputs(c_in, c_out, cpg, groups, k, seed, h=7, w=9):
@@ -22,23 +24,42 @@ def _random_inputs(c_in, c_out, cpg, groups, k, seed, h=7, w=9):
     return [t.requires_grad_() for t in (x, offset, mask, weight, bias)]
 
 
+@pytest.mark.parametrize('impl', ['grid_sample', 'gather'])
 @pytest.mark.parametrize('c_in,c_out,cpg,groups,k,dil', CONFIGS)
-def test_implementations_agree_in_values_and_gradients(c_in, c_out, cpg, groups, k, dil):
+def test_implementations_agree_in_values_and_gradients(c_in, c_out, cpg, groups, k, dil, impl):
     results = []
-    for impl in ('torchvision', 'grid_sample'):
+    for name in ('torchvision', impl):
         inputs = _random_inputs(c_in, c_out, cpg, groups, k, seed=k + groups + cpg)
-        out = deform_filter(*inputs[:4], bias=inputs[4], dilation=dil, impl=impl)
+        out = deform_filter(*inputs[:4], bias=inputs[4], dilation=dil, impl=name)
         loss = (out * torch.cos(out)).sum()  # a non-linear loss: gradients differ per element
         results.append((out, torch.autograd.grad(loss, inputs)))
-    (out_tv, grads_tv), (out_gs, grads_gs) = results
+    (out_tv, grads_tv), (out_impl, grads_impl) = results
     assert out_tv.shape == (2, c_out, 7, 9)
-    torch.testing.assert_close(out_gs, out_tv, atol=1e-4, rtol=1e-4)
-    for name, a, b in zip(('x', 'offset', 'mask', 'weight', 'bias'), grads_gs, grads_tv):
+    torch.testing.assert_close(out_impl, out_tv, atol=1e-4, rtol=1e-4)
+    for name, a, b in zip(('x', 'offset', 'mask', 'weight', 'bias'), grads_impl, grads_tv):
         assert b.abs().sum() > 0, name
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f'gradient wrt {name} differs')
 
 
-@pytest.mark.parametrize('impl', ['torchvision', 'grid_sample'])
+def test_gather_keeps_the_memory_format_and_matches_at_a_real_size():
+    """channels_last in, channels_last out (no copy back to NCHW); NCHW in, contiguous NCHW out; both equal
+    grid_sample's values on a feature map with offsets of several pixels, many reaching outside the image."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, 40, 56, generator=g)
+    offset = torch.randn(2, 18, 40, 56, generator=g) * 4
+    mask = torch.rand(2, 9, 40, 56, generator=g)
+    weight = torch.randn(12, 1, 3, 3, generator=g)
+    expected = deform_filter(x, offset, mask, weight, impl='grid_sample')
+    out = deform_filter(x, offset, mask, weight, impl='gather')
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, offset, mask)]
+    out_cl = deform_filter(*cl, weight, impl='gather')
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
 def test_zero_offsets_and_unit_mask_is_an_ordinary_conv(impl):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 6, 8, 10, generator=g)
@@ -49,7 +70,7 @@ def test_zero_offsets_and_unit_mask_is_an_ordinary_conv(impl):
     torch.testing.assert_close(deform_filter(x, offset, mask, weight, impl=impl), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('impl', ['torchvision', 'grid_sample'])
+@pytest.mark.parametrize('impl', IMPLS)
 def test_integer_offset_shifts_the_image(impl):
     """A 1x1 filter with offset (dy, dx) = (1, -2) reads x[i + 1, j - 2] (zero outside)."""
     x = torch.arange(30.).view(1, 1, 5, 6)
@@ -60,10 +81,17 @@ def test_integer_offset_shifts_the_image(impl):
     torch.testing.assert_close(out, expected)
 
 
-def test_auto_is_grid_sample_on_cpu_and_bad_impl_raises():
+def test_auto_on_cpu_is_gather_without_autograd_and_grid_sample_with_it_and_bad_impl_raises():
     inputs = [t.detach() for t in _random_inputs(4, 4, 1, 1, 3, seed=1)]
-    auto = deform_filter(*inputs[:4], impl='auto')
-    assert torch.equal(auto, deform_filter(*inputs[:4], impl='grid_sample'))
+    assert torch.equal(deform_filter(*inputs[:4], impl='auto'), deform_filter(*inputs[:4], impl='gather'))
+    assert not torch.equal(deform_filter(*inputs[:4], impl='gather'), deform_filter(*inputs[:4], impl='grid_sample'))
+    with torch.no_grad():  # parameters that require grad, but nothing is recorded
+        weight = inputs[3].clone().requires_grad_()
+        assert torch.equal(deform_filter(*inputs[:3], weight, impl='auto'), deform_filter(*inputs[:4], impl='gather'))
+    weight = inputs[3].clone().requires_grad_()
+    recorded = deform_filter(*inputs[:3], weight, impl='auto')
+    assert recorded.requires_grad
+    assert torch.equal(recorded.detach(), deform_filter(*inputs[:4], impl='grid_sample'))
     with pytest.raises(ValueError, match='deform_impl'):
         deform_filter(*inputs[:4], impl='cuda')
     with pytest.raises(ValueError, match='deform_impl'):

@@ -32,8 +32,16 @@ parameter gets gradient from the first step.
 - ``'grid_sample'``: the same operator written with one batched ``F.grid_sample`` call over all k²
   taps followed by a grouped 1×1 conv that applies the weights. torchvision's CPU kernel is 25-100×
   slower than an ordinary conv (docs/platform.md), and bilinear sampling measured 2.4-3.4× faster.
-- ``'auto'``: torchvision on CUDA tensors, grid_sample otherwise.
-Both use the same conventions (offset layout ``[group][tap][dy, dx]``, zero outside the image), so
+- ``'gather'``: the same operator as one ``F.embedding_bag`` call: every output pixel is a weighted sum of
+  k²·4 rows (taps × bilinear corners) of a table of the features times each tap's weight, read in
+  channels-last order. In inference it is 2-5× faster than ``'grid_sample'`` on CPU (bench/README.md,
+  issue 10), because the per-pixel sampling weights are computed once for all channels and no
+  ``[C·k², H, W]`` column tensor is written and read back; its backward (a sort and scatter inside
+  embedding_bag) is slower than grid_sample's, so it is the inference form. Offset groups and
+  non-depthwise weights fall back to ``'grid_sample'``.
+- ``'auto'``: torchvision on CUDA tensors; on CPU, ``'gather'`` where no gradient is recorded
+  (``torch.no_grad`` / ``inference_mode``, or no input requires grad) and ``'grid_sample'`` otherwise.
+All use the same conventions (offset layout ``[group][tap][dy, dx]``, zero outside the image), so
 they agree to float precision in values and gradients (tests/archs/test_adaptive_filter.py).
 """
 import torch
@@ -42,7 +50,7 @@ from torch import nn
 
 from tpdiff_plugin.archs.arch_util import small_init_
 
-DEFORM_IMPLS = ('auto', 'torchvision', 'grid_sample')
+DEFORM_IMPLS = ('auto', 'torchvision', 'grid_sample', 'gather')
 FILTER_TYPES = ('modulated_deform', 'predicted', 'feature_deform', 'plain', 'separable', 'none')
 
 
@@ -94,6 +102,64 @@ def _deform_filter_grid_sample(x, offset, mask, weight, bias, padding, dilation)
     return F.conv2d(cols, weight.reshape(c_out, c_per_group * taps, 1, 1), bias, groups=groups)
 
 
+# The gather form's table has a zero border this wide; sampling positions are clamped into [-1, size], so every
+# bilinear corner lands in the table, and a corner outside the image reads a zero (as in grid_sample's zeros).
+_GATHER_BORDER = 2
+
+
+def _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation):
+    """Modulated deformable conv (stride 1, one offset group, depthwise weight) as one ``F.embedding_bag``.
+
+    Written by hand because no library offers this operator on CPU at the speed of a gather:
+    out[b, :, i, j] = Σ_tap Σ_corner m·β · (x · weight[:, tap])[b, :, corner], where β are the bilinear
+    weights of the tap's sampling position. The table holds the features (zero-bordered, channels last)
+    once per tap, scaled by that tap's depthwise weight, so the (tap, corner) weights are the same for
+    every channel: one bag of k²·4 rows per output pixel. ``[B, C, H, W] -> [B, C, H_out, W_out]``,
+    returned in channels_last memory when x is, contiguous otherwise.
+    """
+    b, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    taps = kh * kw
+    h_out = h + 2 * padding[0] - dilation[0] * (kh - 1)
+    w_out = w + 2 * padding[1] - dilation[1] * (kw - 1)
+    dtype, device = x.dtype, x.device
+    border = _GATHER_BORDER
+    hp, wp = h + 2 * border, w + 2 * border
+    # Everything per pixel is laid out [B, H_out, W_out, tap, ...] (contiguous), so the bag of pixel p is one row.
+    off = offset.view(b, taps, 2, h_out, w_out).permute(0, 3, 4, 1, 2).contiguous()
+    ty = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw) - padding[0]
+    tx = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh) - padding[1]
+    py = (torch.arange(h_out, device=device, dtype=dtype).view(1, h_out, 1, 1) + ty + off[..., 0]).clamp(-1, h)
+    px = (torch.arange(w_out, device=device, dtype=dtype).view(1, 1, w_out, 1) + tx + off[..., 1]).clamp(-1, w)
+    y0, x0 = py.floor(), px.floor()
+    fy, fx = py - y0, px - x0
+    wy = torch.stack((1 - fy, fy), dim=-1)
+    if mask is not None:
+        wy = wy * mask.view(b, taps, h_out, w_out).permute(0, 2, 3, 1).unsqueeze(-1)
+    bag_weights = (wy.unsqueeze(-1) * torch.stack((1 - fx, fx), dim=-1).unsqueeze(-2)).view(-1, taps * 4)
+    # Row of corner (y0, x0) of tap t in image b: (b·taps + t)·hp·wp + (y0 + border)·wp + x0 + border.
+    first = (torch.arange(b, device=device).view(b, 1, 1, 1) * taps + torch.arange(taps, device=device)) * (hp * wp)
+    top_left = first + (y0.long() + border) * wp + (x0.long() + border)
+    corners = torch.tensor([0, 1, wp, wp + 1], device=device)
+    rows = (top_left.unsqueeze(-1) + corners).view(-1, taps * 4)
+    feats = F.pad(x, (border, border, border, border)).permute(0, 2, 3, 1).contiguous().view(b, 1, hp * wp, c)
+    # A contiguous [taps, C] weight, so the broadcast product is laid out [B, tap, pixel, C] (no copy on view).
+    table = (feats * weight.view(c, taps).t().contiguous().view(1, taps, 1, c)).view(-1, c)
+    out = F.embedding_bag(rows, table, mode='sum', per_sample_weights=bag_weights)
+    if bias is not None:
+        out = out + bias
+    out = out.view(b, h_out, w_out, c).permute(0, 3, 1, 2)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return out
+    return out.contiguous()
+
+
+def _gather_applies(x, offset, weight):
+    """Whether ``'gather'`` covers this call: one offset group and a depthwise weight (else grid_sample)."""
+    c_out, c_per_group, kh, kw = weight.shape
+    return offset.shape[1] == 2 * kh * kw and c_per_group == 1 and c_out == x.shape[1]
+
+
 def deform_filter(x, offset, mask, weight, bias=None, padding=None, dilation=1, impl='auto'):
     """Modulated deformable filtering (DCNv2), stride 1, behind one interface.
 
@@ -104,7 +170,8 @@ def deform_filter(x, offset, mask, weight, bias=None, padding=None, dilation=1, 
         weight: ``[C_out, C/groups, k, k]`` (depthwise: ``[C, 1, k, k]``).
         bias: ``[C_out]`` or None.
         padding: defaults to ``dilation·(k-1)/2`` ("same" output size).
-        impl: ``'torchvision'``, ``'grid_sample'`` or ``'auto'`` (torchvision on CUDA, grid_sample elsewhere).
+        impl: ``'torchvision'``, ``'grid_sample'``, ``'gather'`` or ``'auto'`` (torchvision on CUDA; on CPU
+            gather without autograd, grid_sample with it).
     Returns:
         ``[B, C_out, H, W]``.
     """
@@ -116,10 +183,17 @@ def deform_filter(x, offset, mask, weight, bias=None, padding=None, dilation=1, 
     elif isinstance(padding, int):
         padding = (padding, padding)
     if impl == 'auto':
-        impl = 'torchvision' if x.is_cuda else 'grid_sample'
+        if x.is_cuda:
+            impl = 'torchvision'
+        else:
+            records_grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, offset, mask, weight, bias))
+            impl = 'grid_sample' if records_grad else 'gather'
     if impl == 'torchvision':
         from torchvision.ops import deform_conv2d
         return deform_conv2d(x, offset, weight, bias, padding=padding, dilation=dilation, mask=mask)
+    if impl == 'gather' and _gather_applies(x, offset, weight):
+        return _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation)
     return _deform_filter_grid_sample(x, offset, mask, weight, bias, padding, dilation)
 
 
