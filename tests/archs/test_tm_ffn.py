@@ -121,3 +121,28 @@ def test_modulation_before_dwconv_spreads_a_local_prior_change_by_the_dwconv_onl
     assert delta[3:9, 8:14].min() > 0  # the ring around the region changes too (after_gate: it would not)
     delta[3:9, 8:14] = 0
     assert delta.max() == 0
+
+
+@pytest.mark.parametrize('modulation', ['after_gate', 'before_dwconv'])
+def test_channels_last_split_convs_match_the_reference_values_and_gradients(modulation):
+    """In channels_last memory the chunked convs run as two convs each (contiguous halves); the output, the
+    memory format and every gradient are those of the one-conv formula."""
+    torch.manual_seed(0)
+    ffn = TMFFN(6, ffn_expansion_factor=2, prior_ch=3, prior_hidden=4, bias=True, modulation=modulation)
+    with torch.no_grad():
+        ffn.prior_convs[-1].weight.mul_(10)  # a prior that matters
+    x, z = torch.randn(2, 6, 5, 7), torch.randn(2, 3, 5, 7)
+    gamma, phi = ffn.prior_convs(z).chunk(2, dim=1)
+    expected = _gdfn_reference(ffn, x, gamma, phi, before_dwconv=modulation == 'before_dwconv')
+    grads = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        ffn.zero_grad()
+        xf, zf = x.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt)
+        out = ffn(xf, zf)
+        assert out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        (out * torch.cos(out)).sum().backward()
+        grads[fmt] = {n: p.grad.clone() for n, p in ffn.named_parameters()}
+    for name, g in grads[torch.contiguous_format].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[torch.channels_last][name], g, atol=1e-5, rtol=1e-4, msg=name)

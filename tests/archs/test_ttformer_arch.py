@@ -287,8 +287,10 @@ def test_grad_checkpoint_gives_the_same_output_and_gradients():
     assert g0.keys() == g1.keys() and len(g0) > 10
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
-    with torch.no_grad():  # inference is untouched by the flag
-        torch.testing.assert_close(_net(grad_checkpoint=True)(x, prior=z), out0, atol=0, rtol=0)
+    with torch.no_grad():  # inference is untouched by the flag (on CPU it samples by 'gather': float-close)
+        inferred = _net(grad_checkpoint=True)(x, prior=z)
+        torch.testing.assert_close(_net(grad_checkpoint=False)(x, prior=z), inferred, atol=0, rtol=0)
+    torch.testing.assert_close(inferred, out0, atol=1e-6, rtol=1e-5)
 
 
 def _copy_shared(src, dst):

@@ -66,9 +66,20 @@ class FMMSA(nn.Module):
         else:
             q, k, v = self.qkv(x).chunk(3, dim=1)
         heads = self.num_heads
-        q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)
-        k = F.normalize(k.reshape(b, heads, c // heads, h * w), dim=-1)
+        q = q.reshape(b, heads, c // heads, h * w)
+        k = k.reshape(b, heads, c // heads, h * w)
         v = v.reshape(b, heads, c // heads, h * w)
-        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # [B, heads, C_h, C_h]
-        out = (attn @ v).reshape(b, c, h, w)
+        # normalize(q) @ normalize(k)ᵀ (L2 over the pixels, F.normalize's eps), with the division done on
+        # the [C_h, C_h] map rather than on q and k: two passes over [B, C, H·W] fewer.
+        q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
+        k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
+        attn = q @ k.transpose(-2, -1) / (q_norm * k_norm.transpose(-2, -1))
+        attn = (attn * self.temperature).softmax(dim=-1)  # [B, heads, C_h, C_h]
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # (attn @ v)ᵀ = vᵀ @ attnᵀ is laid out pixel-major: channels_last, which project_out then reads
+            # without a conversion (a view for one head; a copy of the head-major result for more)
+            out = (v.transpose(-2, -1) @ attn.transpose(-2, -1)).transpose(1, 2).reshape(b, h, w, c)
+            out = out.permute(0, 3, 1, 2)
+        else:
+            out = (attn @ v).reshape(b, c, h, w)
         return self.project_out(out)
