@@ -47,7 +47,7 @@ OURS = ('stage', 'train.joint_train', 'train.use_tpe', 'train.pool_size', 'train
         'train.sharp_cycle_prior', 'train.dm_target', 'resume_optim_d', 'train.cycle_sharp_opt',
         'train.gan_sharp_opt', 'train.identity_opt', 'train.sharp_cycle_trains_rb', 'train.r1_weight',
         'train.d_update_every', 'filter_type', 'tm_ffn_modulation', 'sharp_sampling', 'sharp_image',
-        'prior_generator', 'train.self_enhance')
+        'prior_generator', 'train.self_enhance', 'train.channels_last')
 
 
 def load(path):

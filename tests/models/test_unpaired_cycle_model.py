@@ -608,3 +608,36 @@ def test_fine_change_loss_weighs_only_dn_changes_at_the_finest_scale():
     for bad in (0, -1, 'wide'):
         with pytest.raises(UserError, match='train.fine_change_sigma'):
             build(make_opt(fine_change_opt={'type': 'L1Loss'}, fine_change_sigma=bad))
+
+
+def _channels_last_weights(model):
+    """{label: whether every 3x3-or-larger conv weight of the network is in channels_last memory}"""
+    out = {}
+    for label in model.net_labels:
+        weights = [p for p in model.net(label).parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
+        out[label] = bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last)
+                                           and not w.is_contiguous() for w in weights)
+    return out
+
+
+def test_channels_last_training_option_places_every_network_and_trains_alike():
+    """train.channels_last: auto (CPU: on), true, false; the same losses either way (float rounding only), and a
+    bad value is one error naming the option."""
+    logs = {}
+    for value in ('auto', True, False):
+        model = build(make_opt(channels_last=value, ema_decay=0.9))
+        assert model.channels_last is (value != False)  # noqa: E712  (auto on this CPU)
+        placed = _channels_last_weights(model)
+        assert set(placed) == set(LABELS) and all(v is (value != False) for v in placed.values()), placed  # noqa
+        ema = [p for p in model.net_g_ema.parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) is (value != False) for p in ema)  # noqa
+        for it in (1, 2):
+            model.feed_data(batch(it))
+            model.optimize_parameters(it)
+        logs[value] = model.get_current_log()
+    for key, v in logs[False].items():
+        assert logs[True][key] == pytest.approx(v, rel=1e-4, abs=1e-6), key
+        assert logs['auto'][key] == logs[True][key], key
+    for bad in ('yes', 1, None):
+        with pytest.raises(UserError, match='train.channels_last'):
+            build(make_opt(channels_last=bad))

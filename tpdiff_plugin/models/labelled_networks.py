@@ -6,6 +6,8 @@ built from ``network_<label>`` and saved as ``net_<label>_<iter>.pth``. This mix
 """
 import os
 
+import torch
+
 from tpdiff_plugin.utils.checkpoint import load_network_file
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
@@ -30,6 +32,8 @@ class LabelledNetworks:
         if prepare is not None:
             prepare(net)
         self.load_pretrained(net, label)
+        if getattr(self, 'channels_last', False):  # train.channels_last (cycle_settings.channels_last_training)
+            net.to(memory_format=torch.channels_last)
         if frozen:
             net.requires_grad_(False)
             net.eval()
