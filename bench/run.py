@@ -44,7 +44,7 @@ ROW_NAMES = (
     'TP-Diff / Restormer time', 'TP-Diff / NAFNet-GoPro time', 'TP-Diff / Restormer params',
     'DM sampling share of TP-Diff', 'TP-Diff achieved throughput', 'dense matmul throughput',
     'TP-Diff / matmul throughput', 'deform filter torchvision', 'deform filter grid_sample',
-    'torchvision / grid_sample time', 'peak memory, one tile', 'est. peak memory, 3840x2160 tiled',
+    'torchvision / grid_sample time', 'deform filter gather', 'grid_sample / gather time', 'peak memory, one tile', 'est. peak memory, 3840x2160 tiled',
 )
 TRAIN_ROW_NAMES = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
 ROW_NAMES += TRAIN_ROW_NAMES
@@ -280,18 +280,25 @@ def main(argv=None):
     def deform(impl):
         with torch.no_grad():
             return deform_filter(xd, off, mask, wd, impl=impl)
-    deform('torchvision'), deform('grid_sample')
+    impls = ('torchvision', 'grid_sample', 'gather')
+    for impl in impls:
+        deform(impl)
     d_rep = 2 if args.quick else 5
-    dt = interleaved({'torchvision': lambda: deform('torchvision'), 'grid_sample': lambda: deform('grid_sample')},
-                     d_rep, device)
-    auto = 'torchvision' if cuda else 'grid_sample'
-    agree = float((deform('torchvision') - deform('grid_sample')).abs().max())
+    dt = interleaved({impl: (lambda i=impl: deform(i)) for impl in impls}, d_rep, device)
+    auto = 'torchvision' if cuda else 'gather without autograd (inference), grid_sample with it (training)'
+    ref = deform('torchvision')
+    agree = {impl: float((ref - deform(impl)).abs().max()) for impl in impls[1:]}
     table.add('deform filter torchvision', 1e3 * median(dt['torchvision']), 'ms',
-              f'{dc}x{dh}x{dh}, 3x3 modulated, 1 offset group, median of {d_rep}')
-    table.add('deform filter grid_sample', 1e3 * median(dt['grid_sample']), 'ms', f'max |difference| {agree:.1e}')
+              f'{dc}x{dh}x{dh}, 3x3 modulated, 1 offset group, no autograd, median of {d_rep}')
+    table.add('deform filter grid_sample', 1e3 * median(dt['grid_sample']), 'ms',
+              f'max |difference| to torchvision {agree["grid_sample"]:.1e}')
     faster = 'grid_sample' if median(dt['grid_sample']) < median(dt['torchvision']) else 'torchvision'
     table.add('torchvision / grid_sample time', median(dt['torchvision']) / median(dt['grid_sample']), 'x',
-              f'faster here: {faster}; deform_filter(impl="auto") uses {auto} on {device.type}')
+              f'faster here: {faster}')
+    table.add('deform filter gather', 1e3 * median(dt['gather']), 'ms',
+              f'one embedding_bag; max |difference| to torchvision {agree["gather"]:.1e}')
+    table.add('grid_sample / gather time', median(dt['grid_sample']) / median(dt['gather']), 'x',
+              f'deform_filter(impl="auto") on {device.type}: {auto}')
 
     # ------------------------------------------------------------------ memory of one tile, 4K estimate
     tile = DEFAULT_TILE[device.type]  # tpdiff deblur's default on this device

@@ -8,9 +8,10 @@ under the ``tpdiff`` scope.
 import os
 import sys
 
-if 'torch' not in sys.modules:
+if 'torch' not in sys.modules and 'GOMP_SPINCOUNT' not in os.environ:
     # On small shared CPU machines, OpenMP threads that spin while waiting made small conv nets up to
-    # ~100x slower (bench/README.md). Passive waiting costs nothing measurable; a user's setting wins.
+    # ~100x slower (bench/README.md). A user's setting wins: OMP_WAIT_POLICY, or GOMP_SPINCOUNT (a bounded
+    # spin; on a machine of one's own the demo trains faster with it, docs/platform.md).
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 from tpdiff_plugin import compat  # noqa: E402

@@ -176,7 +176,7 @@ class TPDiffNet(nn.Module):
     fm_msa false there is none), tm_ffn_modulation (where TM-FFN applies h·(1+γ)+φ: 'after_gate' (default) or
     'before_dwconv', see ``tm_ffn.py``), multi_scale_prior, use_dm, dm_feats / dm_blocks /
     dm_cond_blocks / dm_timesteps / dm_beta_start / dm_beta_end (PriorDiffusion's feat_ch / num_blocks /
-    num_cond_blocks / timesteps / beta_start / beta_end), deform_impl ('auto', 'torchvision', 'grid_sample'),
+    num_cond_blocks / timesteps / beta_start / beta_end), deform_impl ('auto', 'torchvision', 'grid_sample', 'gather'),
     grad_checkpoint (recompute block activations in backward to save training memory: measured on CPU, one
     forward+backward at 96 px keeps ~1.3 GiB per image without it), identity_init (zero the output conv, so an
     untrained net returns its input exactly: ``out = lq + 0``; default on, see ``arch_util.zero_init_``),
@@ -288,8 +288,8 @@ class TPDiffNet(nn.Module):
                                       error_msgs)
 
     def set_deform_impl(self, impl):
-        """Switch every FM-MSA deformable filter to ``impl`` ('auto', 'torchvision', 'grid_sample'); weights are
-        unaffected."""
+        """Switch every FM-MSA deformable filter to ``impl`` ('auto', 'torchvision', 'grid_sample', 'gather');
+        weights are unaffected."""
         check_deform_impl(impl)
         for m in self.modules():
             if isinstance(m, DeformFilterBase):
