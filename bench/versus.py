@@ -11,8 +11,8 @@ Measured per worker, after a warm-up:
   runs it), ``--repeats`` times. The random weights are perturbed (seeded), so the output differs from the
   input (an untrained net is the identity); the table also gives the largest difference of the two trees'
   outputs (the issue's bound: 1e-4 on [0, 1] images).
-- ``training``: stage-2 training iterations of ``options/demo/stage2.yml`` (G and D steps, benchlib's
-  synthetic data), the first ``--warmup-iters`` not counted.
+- ``training``: training iterations of ``options/demo/stage<--stage>.yml`` (stage 2 by default; G and D steps,
+  benchlib's synthetic data), the first ``--warmup-iters`` not counted.
 
 Both workers run under the allocator settings of the tree they import (``utils.allocator.tune_malloc``).
 """
@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=2, help='inference forwards per worker (default 2)')
     p.add_argument('--iters', type=int, default=4, help='training iterations counted per worker (default 4)')
     p.add_argument('--warmup-iters', type=int, default=2, help='training iterations not counted (default 2)')
+    p.add_argument('--stage', type=int, choices=(1, 2), default=2, help='training: the demo stage (default 2)')
     p.add_argument('--threads', type=int, default=0, help='torch intra-op threads (default: torch\'s)')
     p.add_argument('--json', metavar='OUT', help='also write the results as JSON')
     p.add_argument('--worker', choices=('inference', 'training'), help=argparse.SUPPRESS)
@@ -89,7 +90,8 @@ def inference_worker(args):
 def training_worker(args):
     import torch
     import benchlib
-    rows, batch, patch = benchlib.stage2_training_times(os.path.join(args.tree, 'options', 'demo', 'stage2.yml'),
+    options = os.path.join(args.tree, 'options', 'demo', f'stage{args.stage}.yml')
+    rows, batch, patch = benchlib.stage2_training_times(options,
                                                         torch.device('cpu'), args.warmup_iters + args.iters)
     n = args.warmup_iters
     return {'seconds': [g + d for g, d in zip(rows['G'][n:], rows['D'][n:])], 'G': rows['G'][n:],
@@ -110,7 +112,7 @@ def run_worker(args):
 def _spawn(args, what, tree, save_output=None):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', what, '--tree', tree, '--size', args.size,
            '--repeats', str(args.repeats), '--iters', str(args.iters), '--warmup-iters', str(args.warmup_iters),
-           '--threads', str(args.threads)]
+           '--threads', str(args.threads), '--stage', str(args.stage)]
     if save_output:
         cmd += ['--save-output', save_output]
     env = dict(os.environ, PYTHONPATH=tree)
@@ -183,9 +185,9 @@ def main(argv=None):
             label = 'inference forward (s)'
         else:
             ex = res['extra']['this tree']
-            note = (f'demo/stage2.yml G + D, batch {ex["batch"]} x {ex["patch"]}px; '
+            note = (f'demo/stage{args.stage}.yml G + D, batch {ex["batch"]} x {ex["patch"]}px; '
                     f'{len(res["all"]["this tree"])} iterations each after {args.warmup_iters} warm-up per worker')
-            label = 'stage-2 training iteration (s)'
+            label = f'stage-{args.stage} training iteration (s)'
         print(f'{label:34} | {res["baseline"]:9.3f} | {res["this tree"]:9.3f} | {ratio:5.2f}x | {note}')
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as f:

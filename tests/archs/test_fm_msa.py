@@ -48,6 +48,30 @@ def test_plain_attention_ignores_prior_has_fewer_params_and_is_restormer_mdta():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('heads,filter_type', [(1, 'modulated_deform'), (2, 'modulated_deform'), (2, 'none')])
+def test_channels_last_path_matches_nchw_in_values_gradients_and_layout(heads, filter_type):
+    """In channels_last FM-MSA computes the attention output transposed (pixel-major): the same
+    numbers and gradients as the NCHW path, and a channels_last output."""
+    torch.manual_seed(0)
+    attn = FMMSA(8, heads, prior_ch=4, prior_hidden=4, filter_type=filter_type, deform_impl='grid_sample')
+    _trained_looking(attn)
+    x, z = torch.randn(2, 8, 9, 11), torch.randn(2, 4, 9, 11)
+    with torch.no_grad():
+        attn.temperature.copy_(torch.linspace(0.5, 2.0, heads).view(heads, 1, 1))
+    results = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        attn.zero_grad()
+        out = attn(x.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt))
+        assert out.is_contiguous(memory_format=fmt)
+        (out * torch.cos(out)).sum().backward()
+        results[fmt] = (out.detach(), {n: p.grad.clone() for n, p in attn.named_parameters()})
+    (out_n, grads_n), (out_cl, grads_cl) = results.values()
+    torch.testing.assert_close(out_cl, out_n, atol=1e-5, rtol=1e-5)
+    for name, g in grads_n.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads_cl[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_keys_and_values_come_from_the_filtered_features():
     """With the deformable filter replaced by identity-like sampling, FM-MSA equals Q, K, V from F."""
     torch.manual_seed(0)

@@ -137,10 +137,13 @@ def _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation):
     if mask is not None:
         wy = wy * mask.view(b, taps, h_out, w_out).permute(0, 2, 3, 1).unsqueeze(-1)
     bag_weights = (wy.unsqueeze(-1) * torch.stack((1 - fx, fx), dim=-1).unsqueeze(-2)).view(-1, taps * 4)
-    # Row of corner (y0, x0) of tap t in image b: (b·taps + t)·hp·wp + (y0 + border)·wp + x0 + border.
-    first = (torch.arange(b, device=device).view(b, 1, 1, 1) * taps + torch.arange(taps, device=device)) * (hp * wp)
-    top_left = first + (y0.long() + border) * wp + (x0.long() + border)
-    corners = torch.tensor([0, 1, wp, wp + 1], device=device)
+    # Row of corner (y0, x0) of tap t in image b: (b·taps + t)·hp·wp + (y0 + border)·wp + x0 + border; int32
+    # (half the index traffic of int64) unless the table has 2**31 rows or more.
+    index_dtype = torch.int32 if b * taps * hp * wp < 2 ** 31 else torch.int64
+    first = (torch.arange(b, device=device, dtype=index_dtype).view(b, 1, 1, 1) * taps
+             + torch.arange(taps, device=device, dtype=index_dtype)) * (hp * wp)
+    top_left = first + (y0.to(index_dtype) + border) * wp + (x0.to(index_dtype) + border)
+    corners = torch.tensor([0, 1, wp, wp + 1], device=device, dtype=index_dtype)
     rows = (top_left.unsqueeze(-1) + corners).view(-1, taps * 4)
     feats = F.pad(x, (border, border, border, border)).permute(0, 2, 3, 1).contiguous().view(b, 1, hp * wp, c)
     # A contiguous [taps, C] weight, so the broadcast product is laid out [B, tap, pixel, C] (no copy on view).
