@@ -261,3 +261,24 @@ def test_skipped_training_rows_keep_their_names_units_and_reason():
         assert [r['unit'] for r in table.rows] == ['ms'] * (len(names) - 1) + ['x' if amp == 'bf16' else 'ms']
         assert all(r['value'] is None and r['note'] == 'skipped (--no-train)' for r in table.rows)
     assert run.ROW_NAMES[-3:] == run.TRAIN_ROW_NAMES
+
+
+def test_versus_compares_a_baseline_worktree_with_this_tree(tmp_path):
+    """bench/versus.py against HEAD: two workers (a git worktree of HEAD and this checkout) each time a forward
+    and save its output; with the same network code the outputs agree to float rounding, and the table has its
+    row. Bad arguments are one clear error each."""
+    if not (REPO / '.git').exists():
+        pytest.skip('not a git checkout: bench/versus.py needs git worktree')
+    script = str(REPO / 'bench' / 'versus.py')
+    out = tmp_path / 'versus.json'
+    res = run_cmd([sys.executable, script, '--baseline', 'HEAD', '--what', 'inference', '--size', '32x32',
+                   '--rounds', '1', '--repeats', '1', '--json', str(out)], cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())['results']['inference']
+    assert result['baseline'] > 0 and result['this tree'] > 0
+    assert result['max_abs_diff'] < 1e-4  # HEAD's network code against this tree's: float rounding at most
+    assert result['extra']['this tree']['change'] > 1e-4  # perturbed weights: the output is not the input
+    assert 'inference forward (s)' in res.stdout
+    for args, message in ((['--what', 'speed'], '--what'), (['--baseline', 'no-such-rev'], '--baseline')):
+        bad = run_cmd([sys.executable, script, *args], cwd=tmp_path, timeout=60)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-500:]
