@@ -44,7 +44,8 @@ ROW_NAMES = (
     'TP-Diff / Restormer time', 'TP-Diff / NAFNet-GoPro time', 'TP-Diff / Restormer params',
     'DM sampling share of TP-Diff', 'TP-Diff achieved throughput', 'dense matmul throughput',
     'TP-Diff / matmul throughput', 'deform filter torchvision', 'deform filter grid_sample',
-    'torchvision / grid_sample time', 'deform filter gather', 'grid_sample / gather time', 'peak memory, one tile', 'est. peak memory, 3840x2160 tiled',
+    'torchvision / grid_sample time', 'deform filter gather', 'grid_sample / gather time', 'peak memory, one tile',
+    'est. peak memory, 3840x2160 tiled',
 )
 TRAIN_ROW_NAMES = ('stage-2 train iter: data', 'stage-2 train iter: G', 'stage-2 train iter: D')
 ROW_NAMES += TRAIN_ROW_NAMES

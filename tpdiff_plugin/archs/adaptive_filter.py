@@ -34,11 +34,11 @@ parameter gets gradient from the first step.
   slower than an ordinary conv (docs/platform.md), and bilinear sampling measured 2.4-3.4× faster.
 - ``'gather'``: the same operator as one ``F.embedding_bag`` call: every output pixel is a weighted sum of
   k²·4 rows (taps × bilinear corners) of a table of the features times each tap's weight, read in
-  channels-last order. In inference it is 2-5× faster than ``'grid_sample'`` on CPU (bench/README.md,
+  channels-last order. In inference it is 1.8-5× faster than ``'grid_sample'`` on CPU (bench/README.md,
   issue 10), because the per-pixel sampling weights are computed once for all channels and no
   ``[C·k², H, W]`` column tensor is written and read back; its backward (a sort and scatter inside
-  embedding_bag) is slower than grid_sample's, so it is the inference form. Offset groups and
-  non-depthwise weights fall back to ``'grid_sample'``.
+  embedding_bag) was slower than grid_sample's at 30 channels and faster at 60, so it is the inference
+  form. Offset groups and non-depthwise weights fall back to ``'grid_sample'``.
 - ``'auto'``: torchvision on CUDA tensors; on CPU, ``'gather'`` where no gradient is recorded
   (``torch.no_grad`` / ``inference_mode``, or no input requires grad) and ``'grid_sample'`` otherwise.
 All use the same conventions (offset layout ``[group][tap][dy, dx]``, zero outside the image), so
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpdiff_plugin.archs.arch_util import small_init_
+from tpdiff_plugin.archs.arch_util import is_channels_last, small_init_
 
 DEFORM_IMPLS = ('auto', 'torchvision', 'grid_sample', 'gather')
 FILTER_TYPES = ('modulated_deform', 'predicted', 'feature_deform', 'plain', 'separable', 'none')
@@ -115,7 +115,7 @@ def _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation):
     weights of the tap's sampling position. The table holds the features (zero-bordered, channels last)
     once per tap, scaled by that tap's depthwise weight, so the (tap, corner) weights are the same for
     every channel: one bag of k²·4 rows per output pixel. ``[B, C, H, W] -> [B, C, H_out, W_out]``,
-    returned in channels_last memory when x is, contiguous otherwise.
+    returned in channels_last memory when x is (``arch_util.is_channels_last``), contiguous otherwise.
     """
     b, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
@@ -152,9 +152,7 @@ def _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation):
     if bias is not None:
         out = out + bias
     out = out.view(b, h_out, w_out, c).permute(0, 3, 1, 2)
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return out
-    return out.contiguous()
+    return out if is_channels_last(x) else out.contiguous()
 
 
 def _gather_applies(x, offset, weight):

@@ -29,6 +29,12 @@ def pad_to_multiple(x, multiple, mode='reflect', square=False):
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def is_channels_last(x):
+    """Whether ``x [B, C, H, W]`` is laid out channels_last and not also plain contiguous (as when C or H·W is 1):
+    the test by which FM-MSA, TM-FFN and the gather filter pick their channels_last paths."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def zero_init_(conv):
     """Zero a layer's weight and bias in place and return it.
 

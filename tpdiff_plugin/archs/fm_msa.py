@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpdiff_plugin.archs.adaptive_filter import build_filter, check_deform_impl, check_filter_type
+from tpdiff_plugin.archs.arch_util import is_channels_last
 
 
 class FMMSA(nn.Module):
@@ -75,7 +76,7 @@ class FMMSA(nn.Module):
         k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
         attn = q @ k.transpose(-2, -1) / (q_norm * k_norm.transpose(-2, -1))
         attn = (attn * self.temperature).softmax(dim=-1)  # [B, heads, C_h, C_h]
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
             # (attn @ v)ᵀ = vᵀ @ attnᵀ is laid out pixel-major: channels_last, which project_out then reads
             # without a conversion (a view for one head; a copy of the head-major result for more)
             out = (v.transpose(-2, -1) @ attn.transpose(-2, -1)).transpose(1, 2).reshape(b, h, w, c)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpdiff_plugin.archs.arch_util import small_init_
+from tpdiff_plugin.archs.arch_util import is_channels_last, small_init_
 
 MODULATIONS = ('after_gate', 'before_dwconv')
 
@@ -60,7 +60,7 @@ class TMFFN(nn.Module):
 
     def forward(self, x, z=None):
         # In channels_last memory, each conv whose output is chunked runs as two convs (see _conv_halves).
-        split = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        split = is_channels_last(x)
         scale = shift = None
         if self.use_prior:
             if z is None:
