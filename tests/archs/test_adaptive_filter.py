@@ -177,3 +177,18 @@ def test_plain_and_separable_filters_are_static_depthwise_convolutions():
     assert sum(p.numel() for p in sep.parameters()) == 5 * 2 * 3  # 2k weights per channel instead of k²
     rank1 = sep.vertical.weight * sep.horizontal.weight  # [5, 1, 3, 1] * [5, 1, 1, 3]: the outer product
     torch.testing.assert_close(sep(x), F.conv2d(x, rank1, padding=1, groups=5), atol=1e-5, rtol=1e-5)
+
+
+def test_gather_reads_half_precision_offsets_at_full_position_precision():
+    """Under CPU autocast the offsets, the mask (bf16 convs) and the features may be bf16: the gather form takes
+    them at their values (positions computed in float32; a bf16 position near 40 would be off by up to 0.25 px)."""
+    x, offset, mask, weight, _ = [t.detach() for t in _random_inputs(6, 6, 1, 1, 3, seed=4, h=40, w=48)]
+    half_off, half_mask = offset.bfloat16(), mask.bfloat16()
+    out = deform_filter(x, half_off, half_mask, weight, impl='gather')
+    assert out.dtype == torch.float32
+    expected = deform_filter(x, half_off.float(), half_mask.float(), weight, impl='grid_sample')
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # features in bf16 too (LayerNorm's output under autocast): the same numbers as float32 on the bf16 values
+    out = deform_filter(x.bfloat16(), half_off, half_mask, weight, impl='gather')
+    expected = deform_filter(x.bfloat16().float(), half_off.float(), half_mask.float(), weight, impl='grid_sample')
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=1e-5)

@@ -122,7 +122,10 @@ def _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation):
     taps = kh * kw
     h_out = h + 2 * padding[0] - dilation[0] * (kh - 1)
     w_out = w + 2 * padding[1] - dilation[1] * (kw - 1)
-    dtype, device = x.dtype, x.device
+    device = x.device
+    # Positions and bilinear weights in at least float32, whatever autocast made of x and the offsets: in
+    # bfloat16 a position near 256 would be off by up to a pixel.
+    dtype = torch.promote_types(torch.promote_types(x.dtype, offset.dtype), torch.float32)
     border = _GATHER_BORDER
     hp, wp = h + 2 * border, w + 2 * border
     # Everything per pixel is laid out [B, H_out, W_out, tap, ...] (contiguous), so the bag of pixel p is one row.
@@ -148,7 +151,7 @@ def _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation):
     feats = F.pad(x, (border, border, border, border)).permute(0, 2, 3, 1).contiguous().view(b, 1, hp * wp, c)
     # A contiguous [taps, C] weight, so the broadcast product is laid out [B, tap, pixel, C] (no copy on view).
     table = (feats * weight.view(c, taps).t().contiguous().view(1, taps, 1, c)).view(-1, c)
-    out = F.embedding_bag(rows, table, mode='sum', per_sample_weights=bag_weights)
+    out = F.embedding_bag(rows, table, mode='sum', per_sample_weights=bag_weights.to(table.dtype))
     if bias is not None:
         out = out + bias
     out = out.view(b, h_out, w_out, c).permute(0, 3, 1, 2)

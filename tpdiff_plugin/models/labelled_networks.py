@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from tpdiff_plugin.models.cycle_settings import channels_last_training
 from tpdiff_plugin.utils.checkpoint import load_network_file
 from tpdiff_plugin.utils.errors import UserError
 from tpdiff_plugin.utils.networks import build_network_block
@@ -21,6 +22,12 @@ class LabelledNetworks:
     def init_networks(self):
         self.net_labels = []  # every network held, in save order
         self.frozen_labels = set()  # held but never trained (kept in eval mode, in no optimizer)
+        # train.channels_last: every network in channels_last memory while training (cycle_settings)
+        self.channels_last = self.is_train and channels_last_training(self.opt.get('train') or {}, self.device)
+
+    def place(self, net):
+        """``net`` on the device, in channels_last memory when training so (``self.channels_last``)."""
+        return net.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
 
     def add_network(self, label, prepare=None, frozen=False):
         """Build ``network_<label>``, run ``prepare(net)``, load ``path.pretrain_network_<label>``, put it on
@@ -32,15 +39,13 @@ class LabelledNetworks:
         if prepare is not None:
             prepare(net)
         self.load_pretrained(net, label)
-        if getattr(self, 'channels_last', False):  # train.channels_last (cycle_settings.channels_last_training)
-            net.to(memory_format=torch.channels_last)
         if frozen:
             net.requires_grad_(False)
             net.eval()
-            net = net.to(self.device)  # no DDP: a module without trainable parameters cannot be wrapped
+            net = self.place(net)  # no DDP: a module without trainable parameters cannot be wrapped
             self.frozen_labels.add(label)
         else:
-            net = self.model_to_device(net)
+            net = self.model_to_device(self.place(net))
         self.print_network(net)
         setattr(self, f'net_{label}', net)
         self.net_labels.append(label)

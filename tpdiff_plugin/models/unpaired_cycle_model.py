@@ -42,8 +42,8 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from tpdiff_plugin.models.cycle_settings import (channels_last_training, fine_detail, int_option, noise_range,
-                                                  noisy_8bit, positive_number, r1_weights, sharp_d_view, wave_enabled)
+from tpdiff_plugin.models.cycle_settings import (fine_detail, int_option, noise_range, noisy_8bit, positive_number,
+                                                  r1_weights, sharp_d_view, wave_enabled)
 from tpdiff_plugin.models.history_pool import ImageHistoryPool
 from tpdiff_plugin.models.labelled_networks import LabelledNetworks
 from tpdiff_plugin.models.mixed_precision import MixedPrecision, parse_amp
@@ -82,7 +82,6 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, MixedPrecision, Train
         self.init_networks()
         train_opt = self.opt.get('train') or {}
         self.use_wave = self.is_train and wave_enabled(train_opt, 'network_d_wave' in self.opt)
-        self.channels_last = self.is_train and channels_last_training(train_opt, self.device)
         self.define_networks()
         if self.is_train:
             self.init_training_settings()
@@ -112,10 +111,8 @@ class UnpairedCycleModel(LabelledNetworks, NumericalGuard, MixedPrecision, Train
         self.ema_decay = train_opt.get('ema_decay', 0)
         if self.ema_decay > 0:
             get_root_logger().info(f'Use Exponential Moving Average with decay: {self.ema_decay}')
-            self.net_g_ema = build_network_block(self.opt.get('name', 'options'), 'network_g',
-                                                 self.opt['network_g']).to(self.device)
-            if self.channels_last:
-                self.net_g_ema.to(memory_format=torch.channels_last)
+            self.net_g_ema = self.place(build_network_block(self.opt.get('name', 'options'), 'network_g',
+                                                            self.opt['network_g']))
             load_path = self.opt['path'].get('pretrain_network_g')
             if load_path is not None:
                 self.load_network(self.net_g_ema, load_path, self.opt['path'].get('strict_load_g', True), 'params_ema')
