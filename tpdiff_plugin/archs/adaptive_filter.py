@@ -66,6 +66,20 @@ def check_filter_type(filter_type):
         raise ValueError(f'filter_type must be one of {FILTER_TYPES}, got {filter_type!r}')
 
 
+def _undeformed_positions(h, w, kh, kw, padding, dilation, device, dtype):
+    """Where stride-1 k×k filtering reads before any offset: output row i, tap t reads input row
+    ``rows[i] + tap_dy[t]`` (then + the tap's Δp), and likewise for columns (i - pad + a·dil for tap row a).
+    Shared by both sampling forms. Returns ``(H_out, W_out, rows [H_out], cols [W_out], tap_dy [k²],
+    tap_dx [k²])``."""
+    h_out = h + 2 * padding[0] - dilation[0] * (kh - 1)
+    w_out = w + 2 * padding[1] - dilation[1] * (kw - 1)
+    rows = torch.arange(h_out, device=device, dtype=dtype) - padding[0]
+    cols = torch.arange(w_out, device=device, dtype=dtype) - padding[1]
+    tap_dy = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw)
+    tap_dx = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh)
+    return h_out, w_out, rows, cols, tap_dy, tap_dx
+
+
 def _deform_filter_grid_sample(x, offset, mask, weight, bias, padding, dilation):
     """Modulated deformable conv (stride 1) as bilinear sampling + a grouped 1×1 conv.
 
@@ -77,14 +91,8 @@ def _deform_filter_grid_sample(x, offset, mask, weight, bias, padding, dilation)
     c_out, c_per_group, kh, kw = weight.shape
     taps = kh * kw
     n_off_groups = offset.shape[1] // (2 * taps)
-    h_out = h + 2 * padding[0] - dilation[0] * (kh - 1)
-    w_out = w + 2 * padding[1] - dilation[1] * (kw - 1)
-    dtype, device = x.dtype, x.device
     # Sampling positions in input pixels: output pixel (i, j), tap (a, b) -> (i - pad + a·dil + dy, ...).
-    ys = torch.arange(h_out, device=device, dtype=dtype) - padding[0]
-    xs = torch.arange(w_out, device=device, dtype=dtype) - padding[1]
-    ty = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw)
-    tx = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh)
+    h_out, w_out, ys, xs, ty, tx = _undeformed_positions(h, w, kh, kw, padding, dilation, x.device, x.dtype)
     off = offset.view(b, n_off_groups, taps, 2, h_out, w_out)
     py = ys.view(1, 1, 1, h_out, 1) + ty.view(1, 1, taps, 1, 1) + off[:, :, :, 0]
     px = xs.view(1, 1, 1, 1, w_out) + tx.view(1, 1, taps, 1, 1) + off[:, :, :, 1]
@@ -120,20 +128,17 @@ def _deform_filter_gather(x, offset, mask, weight, bias, padding, dilation):
     b, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
     taps = kh * kw
-    h_out = h + 2 * padding[0] - dilation[0] * (kh - 1)
-    w_out = w + 2 * padding[1] - dilation[1] * (kw - 1)
     device = x.device
     # Positions and bilinear weights in at least float32, whatever autocast made of x and the offsets: in
     # bfloat16 a position near 256 would be off by up to a pixel.
     dtype = torch.promote_types(torch.promote_types(x.dtype, offset.dtype), torch.float32)
+    h_out, w_out, ys, xs, ty, tx = _undeformed_positions(h, w, kh, kw, padding, dilation, device, dtype)
     border = _GATHER_BORDER
     hp, wp = h + 2 * border, w + 2 * border
     # Everything per pixel is laid out [B, H_out, W_out, tap, ...] (contiguous), so the bag of pixel p is one row.
     off = offset.view(b, taps, 2, h_out, w_out).permute(0, 3, 4, 1, 2).contiguous()
-    ty = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw) - padding[0]
-    tx = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh) - padding[1]
-    py = (torch.arange(h_out, device=device, dtype=dtype).view(1, h_out, 1, 1) + ty + off[..., 0]).clamp(-1, h)
-    px = (torch.arange(w_out, device=device, dtype=dtype).view(1, 1, w_out, 1) + tx + off[..., 1]).clamp(-1, w)
+    py = (ys.view(1, h_out, 1, 1) + ty + off[..., 0]).clamp(-1, h)
+    px = (xs.view(1, 1, w_out, 1) + tx + off[..., 1]).clamp(-1, w)
     y0, x0 = py.floor(), px.floor()
     fy, fx = py - y0, px - x0
     wy = torch.stack((1 - fy, fy), dim=-1)
