@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -263,13 +265,24 @@ def test_skipped_training_rows_keep_their_names_units_and_reason():
     assert run.ROW_NAMES[-3:] == run.TRAIN_ROW_NAMES
 
 
+def _git_copy_of_the_code(dest):
+    """The package, bench/ and the options in a fresh one-commit git repository at ``dest`` (so the test needs no
+    git checkout of its own and leaves the checkout's worktree list alone)."""
+    ignore = shutil.ignore_patterns('__pycache__', '*.pyc')
+    for name in ('tpdiff_plugin', 'bench'):
+        shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    os.symlink('tpdiff_plugin/options', dest / 'options')
+    git = ['git', '-c', 'user.name=test', '-c', 'user.email=test@example.com']
+    for cmd in (['init', '-q'], ['add', '-A'], ['commit', '-q', '-m', 'copy']):
+        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
 def test_versus_compares_a_baseline_worktree_with_this_tree(tmp_path):
-    """bench/versus.py against HEAD: two workers (a git worktree of HEAD and this checkout) each time a forward
+    """bench/versus.py against HEAD: two workers (a git worktree of HEAD and the tree itself) each time a forward
     and save its output; with the same network code the outputs agree to float rounding, and the table has its
     row. Bad arguments are one clear error each."""
-    if not (REPO / '.git').exists():
-        pytest.skip('not a git checkout: bench/versus.py needs git worktree')
-    script = str(REPO / 'bench' / 'versus.py')
+    script = str(_git_copy_of_the_code(tmp_path / 'repo') / 'bench' / 'versus.py')
     out = tmp_path / 'versus.json'
     res = run_cmd([sys.executable, script, '--baseline', 'HEAD', '--what', 'inference', '--size', '32x32',
                    '--rounds', '1', '--repeats', '1', '--json', str(out)], cwd=tmp_path, timeout=300)

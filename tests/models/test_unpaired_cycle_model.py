@@ -10,6 +10,7 @@ from basicsr.metrics import calculate_psnr
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import tensor2img
 from basicsr.utils.misc import check_resume
+from tpdiff_plugin.archs.arch_util import is_channels_last
 from tpdiff_plugin.models.history_pool import ImageHistoryPool
 from tpdiff_plugin.models.unpaired_cycle_model import UnpairedCycleModel
 from tpdiff_plugin.utils.errors import UserError
@@ -610,14 +611,9 @@ def test_fine_change_loss_weighs_only_dn_changes_at_the_finest_scale():
             build(make_opt(fine_change_opt={'type': 'L1Loss'}, fine_change_sigma=bad))
 
 
-def _channels_last_weights(model):
-    """{label: whether every 3x3-or-larger conv weight of the network is in channels_last memory}"""
-    out = {}
-    for label in model.net_labels:
-        weights = [p for p in model.net(label).parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
-        out[label] = bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last)
-                                           and not w.is_contiguous() for w in weights)
-    return out
+def _layouts(net):
+    """{is_channels_last(w)} over the network's conv weights whose two memory formats differ (k > 1, C_in > 1)."""
+    return {is_channels_last(p) for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1}
 
 
 def test_channels_last_training_option_places_every_network_and_trains_alike():
@@ -627,10 +623,10 @@ def test_channels_last_training_option_places_every_network_and_trains_alike():
     for value in ('auto', True, False):
         model = build(make_opt(channels_last=value, ema_decay=0.9))
         assert model.channels_last is (value != False)  # noqa: E712  (auto on this CPU)
-        placed = _channels_last_weights(model)
-        assert set(placed) == set(LABELS) and all(v is (value != False) for v in placed.values()), placed  # noqa
-        ema = [p for p in model.net_g_ema.parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
-        assert all(p.is_contiguous(memory_format=torch.channels_last) is (value != False) for p in ema)  # noqa
+        placed = {label: _layouts(model.net(label)) for label in model.net_labels}
+        placed['g_ema'] = _layouts(model.net_g_ema)
+        assert set(placed) == {*LABELS, 'g_ema'}, placed
+        assert all(layouts == {value != False} for layouts in placed.values()), placed  # noqa: E712
         for it in (1, 2):
             model.feed_data(batch(it))
             model.optimize_parameters(it)
