@@ -634,6 +634,6 @@ def test_channels_last_training_option_places_every_network_and_trains_alike():
     for key, v in logs[False].items():
         assert logs[True][key] == pytest.approx(v, rel=1e-4, abs=1e-6), key
         assert logs['auto'][key] == logs[True][key], key
-    for bad in ('yes', 1, None):
+    for bad in ('yes', 1, 1.0, None):
         with pytest.raises(UserError, match='train.channels_last'):
             build(make_opt(channels_last=bad))

@@ -21,18 +21,15 @@ def int_option(train_opt, key, default, minimum=1):
     return int(value)
 
 
-CHANNELS_LAST_VALUES = ('auto', True, False)
-
-
 def channels_last_training(train_opt, device):
     """``train.channels_last`` (``auto``, default; true; false) as a bool for ``device``: every network of the
     model is kept in ``torch.channels_last`` memory. ``auto``: on CPU, where mkldnn's convolutions and their
     backward run faster so (a demo stage-2 iteration measured 1.02-1.29x faster, bench/README.md, issue 10), not on
     CUDA (unmeasured there)."""
     value = train_opt.get('channels_last', 'auto')
-    if value not in CHANNELS_LAST_VALUES or isinstance(value, int) and not isinstance(value, bool):
+    if not (isinstance(value, bool) or value == 'auto'):  # 1 == True and 1.0 == True: test the type
         raise UserError(f'train.channels_last: must be auto, true or false, got {value!r}')
-    return device.type == 'cpu' if value == 'auto' else bool(value)
+    return device.type == 'cpu' if value == 'auto' else value
 
 
 def noise_range(value):
